@@ -1,1 +1,73 @@
-"""gram-jax."""
+"""gram-jax: multimodal representation alignment in JAX.
+
+GRAM (Gramian Representation Alignment Measure, ICLR 2025) scores how well k >= 2 modality
+embeddings of one item agree by the volume of the parallelotope they span,
+``vol = sqrt(det(A A^T))`` over the L2-normalised embeddings stacked in ``A`` (k x D): small
+volume = aligned. CoMM (ICLR 2025) aligns a fused multimodal embedding of two augmented views
+with each other and with each single-modality view.
+
+Pure functions (jit / vmap / grad / shard_map safe):
+
+- volumes: :func:`gram_volume`, :func:`pairwise_volume`, :func:`pairwise_gram_det`,
+  :func:`span_distance`, :func:`safe_sqrt`
+- losses: :func:`gram_contrastive_loss`, :func:`dam_loss`, :func:`infonce_loss`,
+  :func:`siglip_loss`, :func:`comm_loss`, :func:`nt_xent`
+- retrieval: :func:`retrieval_metrics`, :func:`retrieval_scores`, :func:`chunked_retrieval`
+
+Models (Flax NNX), data (TFDS + Grain) and the trainer live in ``gram_jax.models``,
+``gram_jax.data`` and ``gram_jax.training``.
+"""
+
+from gram_jax.losses import (
+    comm_loss,
+    dam_loss,
+    gram_contrastive_loss,
+    infonce_loss,
+    log_temperature_init,
+    nt_xent,
+    sample_hard_negatives,
+    siglip_loss,
+    smoothed_cross_entropy,
+    temperature_from_log,
+)
+from gram_jax.metrics import (
+    chunked_retrieval,
+    metrics_from_ranks,
+    positive_ranks,
+    retrieval_metrics,
+    retrieval_scores,
+)
+from gram_jax.volume import (
+    candidate_gram,
+    gram_volume,
+    pairwise_gram_det,
+    pairwise_volume,
+    safe_sqrt,
+    span_distance,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "candidate_gram",
+    "chunked_retrieval",
+    "comm_loss",
+    "dam_loss",
+    "gram_contrastive_loss",
+    "gram_volume",
+    "infonce_loss",
+    "log_temperature_init",
+    "metrics_from_ranks",
+    "nt_xent",
+    "pairwise_gram_det",
+    "pairwise_volume",
+    "positive_ranks",
+    "retrieval_metrics",
+    "retrieval_scores",
+    "safe_sqrt",
+    "sample_hard_negatives",
+    "siglip_loss",
+    "smoothed_cross_entropy",
+    "span_distance",
+    "temperature_from_log",
+]
