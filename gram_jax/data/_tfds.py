@@ -1,0 +1,28 @@
+"""Shared TFDS builder base for the locally generated datasets."""
+
+from __future__ import annotations
+
+import inspect
+
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import utils as tfds_utils
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A ``GeneratorBasedBuilder`` whose data is generated locally (nothing downloaded).
+
+    ``code_path`` is overridden: TFDS's own implementation probes
+    ``importlib_resources.abc.Traversable`` for builders living in an installed package,
+    and ``importlib_resources`` is not a dependency of tensorflow-datasets, so
+    ``download_and_prepare`` would fail with ModuleNotFoundError. The plain file path is
+    all TFDS needs (to look for a checksums file, which local datasets do not have).
+    """
+
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path | None:
+        try:
+            return epath.Path(inspect.getfile(cls))
+        except (TypeError, OSError):
+            return None

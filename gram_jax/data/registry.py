@@ -1,0 +1,142 @@
+"""Generate-once / load-many entry points for the local TFDS datasets.
+
+``prepare(name, data_dir, **config)`` builds the dataset (ArrayRecord files, no download, no
+TensorFlow) unless it already exists and returns its directory
+``<data_dir>/<name>/<config name>/<version>``. The config name is ``default`` for the
+default configuration, otherwise ``c`` + a hash of the configuration, so different sizes or
+seeds never share files. Generation happens in a private temporary directory under
+``data_dir`` that is renamed into place only when complete, so an interrupted run leaves
+no half-written dataset behind and concurrent preparers are safe (the first rename wins).
+
+``load_source(name, split, data_dir, **config)`` returns a random-access source for grain:
+the ``tfds.data_source`` (``ArrayRecordDataSource``) of the split, except for Trifeature
+pair splits, which come joined with their images (``TrifeaturePairSource``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import tensorflow_datasets as tfds
+
+from gram_jax.data import embeddings, synthetic, trifeature
+
+DATASETS = {
+    "synthetic_trimodal": (synthetic.SyntheticTrimodal, synthetic.SyntheticTrimodalConfig),
+    "trifeature": (trifeature.Trifeature, trifeature.TrifeatureConfig),
+    "embeddings": (embeddings.Embeddings, embeddings.EmbeddingsConfig),
+}
+_BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+
+
+def default_data_dir() -> pathlib.Path:
+    """``$GRAM_JAX_DATA_DIR`` or ``~/.cache/gram_jax/datasets``."""
+    env = os.environ.get("GRAM_JAX_DATA_DIR")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "gram_jax" / "datasets"
+
+
+def _lookup(name: str):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def make_config(name: str, **config) -> tfds.core.BuilderConfig:
+    """The validated builder config of dataset ``name`` with its derived config name."""
+    builder_cls, config_cls = _lookup(name)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    params = sorted(set(fields) - _BASE_FIELDS)
+    unknown = set(config) - set(params)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)} for {name!r}; "
+                         f"expected some of {params}")
+    if "npz_path" in config:
+        config["npz_path"] = os.fspath(config["npz_path"])
+    cfg = config_cls(name="default", **config)
+    cfg.validate()
+    if hasattr(cfg, "identity"):
+        ident = cfg.identity()
+    else:
+        ident = {p: getattr(cfg, p) for p in params}
+    defaults = {p: fields[p].default for p in params}
+    if not hasattr(cfg, "identity") and ident == defaults:
+        cfg_name = "default"
+    else:
+        digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+        cfg_name = f"c{digest}"
+    return dataclasses.replace(cfg, name=cfg_name, description=json.dumps(ident))
+
+
+def dataset_dir(name: str, data_dir: str | os.PathLike | None = None, **config) -> pathlib.Path:
+    """Where ``prepare`` puts (or has put) dataset ``name`` with this configuration."""
+    builder_cls, _ = _lookup(name)
+    cfg = make_config(name, **config)
+    root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    return root / builder_cls.name / cfg.name / str(builder_cls.VERSION)
+
+
+def prepare(name: str, data_dir: str | os.PathLike | None = None, **config) -> pathlib.Path:
+    """Generate dataset ``name`` under ``data_dir`` unless present; return its directory.
+
+    Idempotent. ``config`` are fields of the dataset's config class
+    (``SyntheticTrimodalConfig``, ``TrifeatureConfig``, ``EmbeddingsConfig``).
+    """
+    builder_cls, _ = _lookup(name)
+    cfg = make_config(name, **config)
+    root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    final = root / builder_cls.name / cfg.name / str(builder_cls.VERSION)
+    if (final / "dataset_info.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".incomplete-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        # TFDS refuses a config object named like a BUILDER_CONFIGS entry: pass the name.
+        builder = builder_cls(config="default" if cfg.name == "default" else cfg,
+                              data_dir=os.fspath(tmp), file_format="array_record")
+        builder.download_and_prepare()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(builder.data_dir, final)
+        except OSError:
+            # Another process finished first: keep its copy if it is complete.
+            if not (final / "dataset_info.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def splits(name: str, data_dir: str | os.PathLike | None = None, **config) -> list[str]:
+    """Split names of a prepared dataset."""
+    path = prepare(name, data_dir, **config)
+    return sorted(tfds.builder_from_directory(os.fspath(path)).info.splits.keys())
+
+
+def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None, **config):
+    """Random-access source (``len``, ``[i]`` -> dict of numpy values) of one split.
+
+    Prepares the dataset first if needed. Raises ValueError for an unknown dataset, config
+    field or split, and for an empty split.
+    """
+    path = prepare(name, data_dir, **config)
+    builder = tfds.builder_from_directory(os.fspath(path))
+    available = sorted(builder.info.splits.keys())
+    base = split.split("[", 1)[0]
+    if base not in available:
+        raise ValueError(f"unknown split {split!r} for {name!r}; expected one of {available}")
+    if name == "trifeature" and base in trifeature.PAIR_SPLITS:
+        if "[" in split:
+            raise ValueError("slicing is not supported for trifeature pair splits")
+        images = builder.as_data_source(split=f"images_{base.split('_')[0]}")
+        source = trifeature.TrifeaturePairSource(builder.as_data_source(split=base), images)
+    else:
+        source = builder.as_data_source(split=split)
+    if len(source) == 0:
+        raise ValueError(f"split {split!r} of {name!r} is empty")
+    return source
