@@ -1,0 +1,67 @@
+"""Flax NNX models: modality encoders, projection heads, GRAM and CoMM models, DAM head.
+
+Public API:
+  EncoderConfig, PRESETS, build_encoder           (config.py, factory.py)
+  EncoderOutput, ImageEncoder, VideoEncoder, AudioEncoder, WaveformEncoder, TextEncoder,
+  FeatureEncoder                                   (encoders.py)
+  ProjectionHead, LearnableTemperature, SigLIPScaleBias, l2_normalize   (heads.py)
+  GramModel                                        (gram_model.py)
+  masked_pairwise_volume                           (masking.py)
+  CoMMModel                                        (comm.py)
+  MatchingHead                                     (matching.py)
+  count_params, param_table                        (factory.py)
+"""
+
+from gram_jax.models.comm import CoMMModel, CoMMProjector, FusionTransformer, InputAdapter
+from gram_jax.models.config import PRESETS, EncoderConfig
+from gram_jax.models.encoders import (
+    AudioEncoder,
+    EncoderOutput,
+    FeatureEncoder,
+    ImageEncoder,
+    TextEncoder,
+    VideoEncoder,
+    WaveformEncoder,
+)
+from gram_jax.models.factory import ENCODERS, build_encoder, count_params, param_table
+from gram_jax.models.gram_model import GramModel
+from gram_jax.models.heads import (
+    LearnableTemperature,
+    ProjectionHead,
+    SigLIPScaleBias,
+    l2_normalize,
+)
+from gram_jax.models.layers import Attention, Transformer, TransformerBlock
+from gram_jax.models.masking import masked_pairwise_gram, masked_pairwise_volume
+from gram_jax.models.matching import MatchingHead
+
+__all__ = [
+    "ENCODERS",
+    "PRESETS",
+    "Attention",
+    "AudioEncoder",
+    "CoMMModel",
+    "CoMMProjector",
+    "EncoderConfig",
+    "EncoderOutput",
+    "FeatureEncoder",
+    "FusionTransformer",
+    "GramModel",
+    "ImageEncoder",
+    "InputAdapter",
+    "LearnableTemperature",
+    "MatchingHead",
+    "ProjectionHead",
+    "SigLIPScaleBias",
+    "TextEncoder",
+    "Transformer",
+    "TransformerBlock",
+    "VideoEncoder",
+    "WaveformEncoder",
+    "build_encoder",
+    "count_params",
+    "l2_normalize",
+    "masked_pairwise_gram",
+    "masked_pairwise_volume",
+    "param_table",
+]

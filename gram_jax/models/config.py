@@ -1,0 +1,128 @@
+"""Encoder hyper-parameters and size presets.
+
+One frozen :class:`EncoderConfig` describes every encoder kind; each kind reads only the fields
+it needs (``patch_size`` for images, ``n_mels`` for audio, ``vocab_size`` for text, ...).
+Presets fix the transformer trunk (width ``W``, depth, heads, MLP ratio):
+
+=========  =====  =====  =====  ==========================================================
+preset     W      depth  heads  note
+=========  =====  =====  =====  ==========================================================
+``tiny``   64     2      4      CPU tests; ~0.1 M trunk parameters
+``small``  384    6      6      ViT-S width, half depth (~10.6 M trunk parameters)
+``base``   768    12     12     ViT-B/12 trunk (~85 M)
+``large``  1024   24     16     ViT-L/24 trunk (~302 M)
+=========  =====  =====  =====  ==========================================================
+
+``dtype`` is the compute dtype (e.g. ``jnp.bfloat16`` on TPU); parameters are always stored in
+``param_dtype`` (float32 by default) and attention softmax / LayerNorm statistics run in
+float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+__all__ = ["EncoderConfig", "PRESETS", "Pool", "Activation"]
+
+Pool = Literal["cls", "mean"]
+Activation = Literal["gelu", "quick_gelu", "relu"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"width": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0},
+    "small": {"width": 384, "depth": 6, "num_heads": 6, "mlp_ratio": 4.0},
+    "base": {"width": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
+    "large": {"width": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Hyper-parameters of one modality encoder (all kinds share this dataclass).
+
+    Trunk: ``width`` (token width W), ``depth`` (pre-LN blocks), ``num_heads`` (W must be
+    divisible by it), ``mlp_ratio`` (MLP hidden = ``mlp_ratio * W``), ``activation``,
+    ``pool`` (``"cls"``: pooled = final-LN CLS token; ``"mean"``: masked mean of the tokens),
+    ``layer_norm_eps``.
+
+    Per kind:
+      * image / video: ``patch_size`` (square patches p x p), ``in_channels``.
+      * audio (log-mel): ``n_mels`` and ``audio_patch = (time, mel)`` patch size.
+      * waveform: 1-D conv front end ``conv_channels`` / ``conv_kernels`` / ``conv_strides``
+        (``conv_channels=None`` means ``(W // 2, W)``).
+      * text: ``vocab_size`` (id 0 is padding).
+      * features: ``in_features`` (F of the (B, F) input).
+    """
+
+    width: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    activation: Activation = "gelu"
+    pool: Pool = "cls"
+    layer_norm_eps: float = 1e-6
+    # image / video
+    patch_size: int = 4
+    in_channels: int = 3
+    # audio spectrogram
+    n_mels: int = 32
+    audio_patch: tuple[int, int] = (4, 4)
+    # waveform
+    conv_channels: tuple[int, ...] | None = None
+    conv_kernels: tuple[int, ...] = (10, 8)
+    conv_strides: tuple[int, ...] = (5, 4)
+    # text
+    vocab_size: int = 1024
+    # precomputed features
+    in_features: int = 64
+    # numerics
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.width <= 0 or self.depth < 0 or self.num_heads <= 0:
+            raise ValueError(
+                f"width, depth, num_heads must be positive (depth may be 0), got "
+                f"{self.width}, {self.depth}, {self.num_heads}"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.activation not in ("gelu", "quick_gelu", "relu"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.patch_size <= 0 or min(self.audio_patch) <= 0:
+            raise ValueError("patch sizes must be positive")
+        n = len(self.conv_kernels)
+        channels = self.conv_channels
+        if len(self.conv_strides) != n or (channels is not None and len(channels) != n):
+            raise ValueError(
+                "conv_kernels, conv_strides (and conv_channels if given) must have the same "
+                f"length, got {self.conv_kernels}, {self.conv_strides}, {channels}"
+            )
+
+    @property
+    def mlp_dim(self) -> int:
+        """Hidden width of the transformer MLP."""
+        return int(round(self.mlp_ratio * self.width))
+
+    @property
+    def waveform_channels(self) -> tuple[int, ...]:
+        """Channels of the waveform conv stack (default ``(W // 2, W)`` for two layers)."""
+        if self.conv_channels is not None:
+            return tuple(self.conv_channels)
+        n = len(self.conv_kernels)
+        return tuple(max(self.width // 2 ** (n - 1 - i), 1) for i in range(n))
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> EncoderConfig:
+        """The config of a named preset (see :data:`PRESETS`) with fields overridden."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig field(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**{**PRESETS[preset], **overrides})
