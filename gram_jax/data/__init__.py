@@ -1,1 +1,55 @@
-"""Data layer."""
+"""Data layer: locally generated TFDS datasets and Grain pipelines.
+
+* ``prepare(name, data_dir, **config)`` / ``load_source(name, split, data_dir, **config)``
+  for ``synthetic_trimodal`` (default), ``trifeature`` and ``embeddings`` (see
+  ``gram_jax.data.registry`` and each dataset's module).
+* ``make_iterator(source, batch_size=..., ...)``: checkpointable Grain iterator of
+  (optionally mesh-sharded) batches; batch format in ``gram_jax.data.pipeline``.
+* ``NpzEmbeddingSource``: in-memory source of an embeddings ``.npz``.
+* ``python -m gram_jax.data.show <dataset>`` draws a PNG grid of examples.
+"""
+
+from gram_jax.data.augment import (
+    AudioAug,
+    Augment,
+    FeatureAug,
+    ImageAug,
+    TextAug,
+    WaveformAug,
+)
+from gram_jax.data.embeddings import NpzEmbeddingSource
+from gram_jax.data.pipeline import infer_modalities, make_dataset, make_iterator, steps_per_epoch
+from gram_jax.data.registry import (
+    DATASETS,
+    dataset_dir,
+    default_data_dir,
+    load_source,
+    prepare,
+    splits,
+)
+from gram_jax.data.synthetic import decode_caption, encode_caption, vocabulary
+from gram_jax.data.trifeature import TrifeaturePairSource
+
+__all__ = [
+    "DATASETS",
+    "AudioAug",
+    "Augment",
+    "FeatureAug",
+    "ImageAug",
+    "NpzEmbeddingSource",
+    "TextAug",
+    "TrifeaturePairSource",
+    "WaveformAug",
+    "dataset_dir",
+    "decode_caption",
+    "default_data_dir",
+    "encode_caption",
+    "infer_modalities",
+    "load_source",
+    "make_dataset",
+    "make_iterator",
+    "prepare",
+    "splits",
+    "steps_per_epoch",
+    "vocabulary",
+]

@@ -1,0 +1,247 @@
+"""Per-modality augmentations: pure NumPy on one example, driven by an explicit Generator.
+
+The pipeline derives each example's Generator from (seed, epoch, record index, view), so
+augmentation is deterministic, independent of worker count and resumable from a
+checkpoint. Inputs are already converted (see ``pipeline``): images float32 (H, W, 3) in
+[0, 1]; audio log-mel float32 (T, n_mels) standardised; text int32 (L,) ids, 0 = pad;
+features float32 (F,); waveform float32 (S,).
+
+Defaults follow CoMM (research/comm.md section 3) with two deliberate deviations: no hue
+jitter and no grayscale by default (they destroy the colour factors that synthetic_trimodal
+captions and the Trifeature synergy label depend on), and a milder crop (0.3-1), which the
+CPU study of comm.md section 9 found to learn faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+KINDS = ("image", "audio", "text", "features", "waveform")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageAug:
+    """Random resized crop (bilinear) + horizontal flip + colour jitter (+ optional grayscale)."""
+
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.0
+    grayscale_p: float = 0.0
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w, _ = x.shape
+        if self.crop_scale != (1.0, 1.0):
+            x = _random_resized_crop(x, rng, self.crop_scale, self.crop_ratio, h, w)
+        if rng.random() < self.flip_p:
+            x = x[:, ::-1]
+        if rng.random() < self.jitter_p:
+            x = _colour_jitter(x, rng, self.brightness, self.contrast, self.saturation,
+                               self.hue)
+        if rng.random() < self.grayscale_p:
+            x = np.repeat(_gray(x)[..., None], 3, axis=-1)
+        return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioAug:
+    """Circular time shift, SpecAugment-style time/frequency masks (to 0), Gaussian noise."""
+
+    max_shift: int = 4
+    time_masks: int = 1
+    time_mask_width: int = 4
+    freq_masks: int = 1
+    freq_mask_width: int = 4
+    mask_p: float = 0.5
+    noise_std: float = 0.1
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        t, m = x.shape
+        x = np.roll(x, rng.integers(-self.max_shift, self.max_shift + 1), axis=0)
+        x = x.copy()
+        for _ in range(self.time_masks):
+            if rng.random() < self.mask_p:
+                wdt = rng.integers(0, self.time_mask_width + 1)
+                lo = rng.integers(0, max(1, t - wdt + 1))
+                x[lo: lo + wdt] = 0.0
+        for _ in range(self.freq_masks):
+            if rng.random() < self.mask_p:
+                wdt = rng.integers(0, self.freq_mask_width + 1)
+                lo = rng.integers(0, max(1, m - wdt + 1))
+                x[:, lo: lo + wdt] = 0.0
+        if self.noise_std:
+            x = x + rng.normal(0.0, self.noise_std, x.shape)
+        return x.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextAug:
+    """Token dropout: each non-pad token is removed with probability ``dropout``.
+
+    The kept tokens are compacted to the left and re-padded, so ``ids != 0`` stays the
+    mask; at least one token is always kept.
+    """
+
+    dropout: float = 0.1
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        tokens = x[x != 0]
+        if tokens.size == 0:
+            return x
+        keep = rng.random(tokens.size) >= self.dropout
+        if not keep.any():
+            keep[rng.integers(tokens.size)] = True
+        out = np.zeros_like(x)
+        out[: keep.sum()] = tokens[keep]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureAug:
+    """CoMM/MultiBench ``noise`` and ``drop`` for vectors, each applied with probability p.
+
+    noise: + N(0, noise_std^2) on every entry; drop: zero a random U(0, drop_max) fraction
+    of the entries.
+    """
+
+    noise_std: float = 0.1
+    noise_p: float = 0.5
+    drop_max: float = 0.8
+    drop_p: float = 0.5
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = x.astype(np.float32, copy=True)
+        if rng.random() < self.drop_p:
+            frac = rng.uniform(0.0, self.drop_max)
+            x[rng.random(x.shape) < frac] = 0.0
+        if rng.random() < self.noise_p:
+            x = x + rng.normal(0.0, self.noise_std, x.shape).astype(np.float32)
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveformAug:
+    """Circular time shift by up to ``max_shift`` samples + Gaussian noise."""
+
+    max_shift: int = 512
+    noise_std: float = 0.01
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = np.roll(x, rng.integers(-self.max_shift, self.max_shift + 1))
+        return (x + rng.normal(0.0, self.noise_std, x.shape)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Augmentation per modality kind, with optional per-modality overrides.
+
+    ``overrides`` maps a modality name (e.g. ``"image2"``) to an augmentation or ``None``
+    (no augmentation for that modality). A kind set to ``None`` is not augmented.
+    """
+
+    image: ImageAug | None = ImageAug()
+    audio: AudioAug | None = AudioAug()
+    text: TextAug | None = TextAug()
+    features: FeatureAug | None = FeatureAug()
+    waveform: WaveformAug | None = WaveformAug()
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def for_modality(self, name: str, kind: str):
+        """The augmentation callable for modality ``name`` of ``kind`` (or None)."""
+        over = dict(self.overrides)
+        if name in over:
+            return over[name]
+        if kind not in KINDS:
+            raise ValueError(f"unknown modality kind {kind!r}; expected one of {KINDS}")
+        return getattr(self, kind)
+
+
+PRESETS = {
+    "none": None,
+    "default": Augment(),
+    # CoMM section-9 "light": crop 0.3-1 + flip only for images; mild everything else.
+    "light": Augment(image=ImageAug(jitter_p=0.0),
+                     audio=AudioAug(max_shift=2, mask_p=0.0, noise_std=0.05),
+                     text=TextAug(dropout=0.05), features=FeatureAug(drop_p=0.0)),
+    # SimCLR as in the CoMM repository (includes hue jitter and grayscale).
+    "simclr": Augment(image=ImageAug(crop_scale=(0.08, 1.0), hue=0.1, grayscale_p=0.2)),
+}
+
+
+def resolve(augment) -> Augment | None:
+    """``None`` / preset name / ``Augment`` / ``{modality: aug}`` -> ``Augment`` or None."""
+    if augment is None or isinstance(augment, Augment):
+        return augment
+    if isinstance(augment, str):
+        if augment not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {augment!r}; expected one of "
+                             f"{sorted(PRESETS)}")
+        return PRESETS[augment]
+    if isinstance(augment, dict):
+        return Augment(image=None, audio=None, text=None, features=None, waveform=None,
+                       overrides=tuple(augment.items()))
+    raise ValueError(f"augment must be None, a preset name, an Augment or a dict, got "
+                     f"{type(augment).__name__}")
+
+
+# ---------------------------------------------------------------------------------------
+# Image helpers
+# ---------------------------------------------------------------------------------------
+
+def _bilinear(x: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    h, w = x.shape[:2]
+    ys = np.clip(ys, 0, h - 1)
+    xs = np.clip(xs, 0, w - 1)
+    y0 = np.floor(ys).astype(int)
+    x0 = np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy = (ys - y0)[:, None, None]
+    wx = (xs - x0)[None, :, None]
+    top = x[y0][:, x0] * (1 - wx) + x[y0][:, x1] * wx
+    bot = x[y1][:, x0] * (1 - wx) + x[y1][:, x1] * wx
+    return top * (1 - wy) + bot * wy
+
+
+def _random_resized_crop(x, rng, scale, ratio, out_h, out_w):
+    h, w = x.shape[:2]
+    area = h * w
+    for _ in range(10):
+        a = area * rng.uniform(*scale)
+        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = np.sqrt(a * r), np.sqrt(a / r)
+        if cw <= w and ch <= h:
+            break
+    else:
+        ch, cw = float(h), float(w)
+    y0 = rng.uniform(0, h - ch)
+    x0 = rng.uniform(0, w - cw)
+    ys = y0 + (np.arange(out_h) + 0.5) * ch / out_h - 0.5
+    xs = x0 + (np.arange(out_w) + 0.5) * cw / out_w - 0.5
+    return _bilinear(x, ys, xs)
+
+
+def _gray(x):
+    return x @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _colour_jitter(x, rng, brightness, contrast, saturation, hue):
+    x = x * rng.uniform(1 - brightness, 1 + brightness)
+    g = _gray(x)
+    x = (x - g.mean()) * rng.uniform(1 - contrast, 1 + contrast) + g.mean()
+    g = _gray(x)[..., None]
+    x = (x - g) * rng.uniform(1 - saturation, 1 + saturation) + g
+    if hue:
+        # Hue shift as a rotation of the chroma plane in YIQ space.
+        theta = rng.uniform(-hue, hue) * 2 * np.pi
+        to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                           [0.211, -0.523, 0.312]], np.float32)
+        c, s = np.cos(theta), np.sin(theta)
+        rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+        x = x @ (np.linalg.inv(to_yiq) @ rot @ to_yiq).T.astype(np.float32)
+    return x

@@ -1,0 +1,292 @@
+"""Grain input pipelines: shard by process, shuffle, augment, batch, place on a mesh.
+
+``make_iterator(source, batch_size=..., ...)`` returns a checkpointable
+``grain.DatasetIterator`` (``get_state()`` / ``set_state()``, usable with orbax through
+``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) of batches in this format:
+
+=============================  ====================================================
+key                            value (B = global batch size)
+=============================  ====================================================
+``<image modality>``           float32 (B, H, W, 3) in [0, 1]
+``<audio modality>``           float32 (B, T, n_mels) log-mel, standardised per example
+``<text modality>``            int32 (B, L) token ids, 0 = pad
+``<text modality>_mask``       bool (B, L), True on real tokens
+``<features modality>``        float32 (B, F)
+``<waveform modality>``        float32 (B, S)
+``label/<name>``               int32 (B,) for every ``factors/<name>`` / ``label/<name>``
+``index``                      int32 (B,) the example's ``index`` field (else its position)
+=============================  ====================================================
+
+Modality names are the source's (``image``/``audio``/``text`` for synthetic_trimodal,
+``image1``/``image2`` for trifeature, the npz keys for embeddings). With
+``two_views=True`` the modality entries (and masks) move into ``{"view1": {...}, "view2":
+{...}}``, two independent augmentations of the same examples (CoMM); labels and ``index``
+stay at the top level. With a ``mesh`` every leaf is a global ``jax.Array`` sharded as
+``NamedSharding(mesh, P(data_axis))`` (leading axis); without one, leaves are NumPy arrays
+holding this process's rows.
+
+Pipeline (a ``grain.MapDataset``, so the order does not depend on ``worker_count``):
+``source -> [process_index::process_count] -> shuffle(seed), reshuffled per epoch ->
+repeat(num_epochs) -> convert + augment -> batch(batch_size / process_count)``. The
+augmentation Generator of an example is ``default_rng([seed, epoch, record, view])``, so a
+restored iterator reproduces the same augmented batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gram_jax.data import augment as augment_lib
+
+LABEL_PREFIXES = ("factors/", "label/")
+
+
+def infer_modalities(record: Mapping) -> dict[str, str]:
+    """``{name: kind}`` from one record's values (kinds in ``augment.KINDS``).
+
+    uint8 rank-3 -> image; float rank-2 -> audio; integer rank-1 -> text; float rank-1 ->
+    features (``waveform`` if the key is ``waveform``). Label keys, ``index`` and None
+    values are not modalities.
+    """
+    out = {}
+    for key, value in record.items():
+        if value is None or key == "index" or key.startswith(LABEL_PREFIXES):
+            continue
+        v = np.asarray(value)
+        if v.dtype == np.uint8 and v.ndim == 3:
+            out[key] = "image"
+        elif np.issubdtype(v.dtype, np.floating) and v.ndim == 2:
+            out[key] = "audio"
+        elif np.issubdtype(v.dtype, np.integer) and v.ndim == 1:
+            out[key] = "text"
+        elif np.issubdtype(v.dtype, np.floating) and v.ndim == 1:
+            out[key] = "waveform" if key == "waveform" else "features"
+    return out
+
+
+def _convert(name: str, kind: str, value) -> np.ndarray:
+    x = np.asarray(value)
+    if kind == "image":
+        if x.ndim != 3 or x.shape[-1] != 3:
+            raise ValueError(f"modality {name!r}: expected an (H, W, 3) image, got {x.shape}")
+        return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if kind == "audio":
+        if x.ndim != 2:
+            raise ValueError(f"modality {name!r}: expected a (T, n_mels) spectrogram, "
+                             f"got {x.shape}")
+        x = x.astype(np.float32)
+        return (x - x.mean()) / (x.std() + 1e-5)
+    if kind == "text":
+        if x.ndim != 1:
+            raise ValueError(f"modality {name!r}: expected (L,) token ids, got {x.shape}")
+        return x.astype(np.int32)
+    if kind in ("features", "waveform"):
+        if x.ndim != 1:
+            raise ValueError(f"modality {name!r}: expected a vector, got {x.shape}")
+        return x.astype(np.float32)
+    raise ValueError(f"unknown modality kind {kind!r}; expected one of {augment_lib.KINDS}")
+
+
+class _Transform:
+    """Record -> model-ready example (picklable, so grain workers can run it)."""
+
+    def __init__(self, modalities, aug, seed, shard_len, two_views):
+        self.modalities = modalities
+        self.augs = ({m: aug.for_modality(m, k) for m, k in modalities.items()}
+                     if aug is not None else None)
+        self.seed = seed
+        self.shard_len = shard_len
+        self.two_views = two_views
+
+    def _views(self, record, epoch, rec_index, view):
+        out = {}
+        rng = None
+        if self.augs is not None:
+            rng = np.random.default_rng([self.seed, epoch, rec_index, view])
+        for name, kind in self.modalities.items():
+            if name not in record or record[name] is None:
+                raise ValueError(f"modality {name!r} missing from the record (keys: "
+                                 f"{sorted(k for k, v in record.items() if v is not None)})")
+            x = _convert(name, kind, record[name])
+            if rng is not None and self.augs[name] is not None:
+                x = self.augs[name](x, rng)
+            out[name] = x
+            if kind == "text":
+                out[f"{name}_mask"] = x != 0
+        return out
+
+    def __call__(self, position, item):
+        rec_index, record = item
+        epoch = position // self.shard_len
+        out = {}
+        for key, value in record.items():
+            if value is None:
+                continue
+            for prefix in LABEL_PREFIXES:
+                if key.startswith(prefix):
+                    out["label/" + key[len(prefix):]] = np.int32(value)
+        out["index"] = np.int32(record.get("index", rec_index))
+        if self.two_views:
+            out["view1"] = self._views(record, epoch, rec_index, 1)
+            out["view2"] = self._views(record, epoch, rec_index, 2)
+        else:
+            out.update(self._views(record, epoch, rec_index, 0))
+        return out
+
+
+def _with_position(i, record):
+    return i, record
+
+
+def _data_size(mesh, data_axis) -> int:
+    axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+    for a in axes:
+        if a not in mesh.axis_names:
+            raise ValueError(f"data axis {a!r} is not an axis of the mesh {mesh.axis_names}")
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+class _ToGlobal:
+    """Host batch -> global jax.Arrays sharded along ``data_axis`` (leading axis)."""
+
+    def __init__(self, mesh, data_axis, global_batch):
+        self.sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+        self.global_batch = global_batch
+
+    def __call__(self, batch):
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(
+                self.sharding, x, (self.global_batch, *x.shape[1:]))
+        return jax.tree.map(put, batch)
+
+
+def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = 1, mesh=None, data_axis="data", augment=None,
+                 two_views: bool = False, worker_count: int = 0, drop_remainder: bool = True,
+                 modalities: Mapping[str, str] | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 read_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+    """The ``grain.IterDataset`` behind ``make_iterator`` (same arguments)."""
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    n = len(source)
+    if n == 0:
+        raise ValueError("the source (split) is empty")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the process count "
+                         f"{process_count}")
+    if mesh is not None:
+        size = _data_size(mesh, data_axis)
+        if batch_size % size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data "
+                             f"axis size {size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    local_batch = batch_size // process_count
+    shard_len = len(range(process_index, n, process_count))
+    if drop_remainder and local_batch > shard_len:
+        raise ValueError(f"batch of {batch_size} ({local_batch} per process) is larger than "
+                         f"the split ({n} examples, {shard_len} on this process)")
+
+    first = source[0]
+    if modalities is None:
+        modalities = getattr(source, "modalities", None) or infer_modalities(first)
+    modalities = dict(modalities)
+    if not modalities:
+        raise ValueError(f"no modality found in the source's records (keys: {sorted(first)})")
+    for name, kind in modalities.items():
+        if kind not in augment_lib.KINDS:
+            raise ValueError(f"unknown kind {kind!r} for modality {name!r}; expected one of "
+                             f"{augment_lib.KINDS}")
+        if first.get(name) is None:
+            raise ValueError(f"unknown modality {name!r}: not in the source's records "
+                             f"(keys: {sorted(k for k, v in first.items() if v is not None)})")
+    aug = augment_lib.resolve(augment)
+    if aug is not None:
+        unknown = set(dict(aug.overrides)) - set(modalities)
+        if unknown:
+            raise ValueError(f"augmentation for unknown modality {sorted(unknown)}; "
+                             f"modalities are {sorted(modalities)}")
+        for name, kind in modalities.items():
+            aug.for_modality(name, kind)
+
+    ds = grain.MapDataset.source(source).map_with_index(_with_position)
+    ds = ds[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(_Transform(modalities, aug, seed, shard_len, two_views))
+    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                 prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    if mesh is not None:
+        it_ds = it_ds.map(_ToGlobal(mesh, data_axis, batch_size))
+    return it_ds
+
+
+def make_iterator(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                  num_epochs: int | None = 1, mesh=None, data_axis="data", augment=None,
+                  two_views: bool = False, worker_count: int = 0, drop_remainder: bool = True,
+                  modalities: Mapping[str, str] | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  read_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+    """Checkpointable iterator of batches of ``source`` (format: module docstring).
+
+    Args:
+      source: random-access source (``len``, ``[i]`` -> dict), e.g. ``load_source(...)``.
+      batch_size: *global* batch size; must divide by the process count and by the size
+        of the mesh's data axis (or axes).
+      seed: shuffling and augmentation seed.
+      shuffle: shuffle the examples, with a new permutation each epoch.
+      num_epochs: number of passes; ``None`` repeats forever.
+      mesh, data_axis: place batches as global ``jax.Array`` on ``mesh`` sharded along
+        ``data_axis`` (a name or a tuple of names); ``None`` yields NumPy arrays.
+      augment: ``None``, a preset (``"default"``, ``"light"``, ``"simclr"``, ``"none"``), an
+        ``augment.Augment``, or ``{modality: callable(x, rng)}``.
+      two_views: yield ``{"view1": ..., "view2": ...}`` independent augmentations (CoMM).
+      worker_count: grain worker processes (``mp_prefetch``); 0 = in-process. The order is
+        the same for any count, but a state saved with one count restores only with the
+        same count (grain's state layouts differ).
+      drop_remainder: drop the last incomplete batch.
+      modalities: ``{name: kind}`` to select / override the modalities; default: the
+        source's ``modalities`` attribute or ``infer_modalities`` of its first record.
+      process_index, process_count: override ``jax.process_index()/process_count()``.
+      read_threads, prefetch: grain ``ReadOptions`` (threads, batches read ahead).
+
+    Raises:
+      ValueError: empty source, batch larger than the (per-process) split, batch size not
+        divisible by the process count or the mesh's data size, unknown modality / kind /
+        augmentation preset, data axis not in the mesh.
+    """
+    return iter(make_dataset(
+        source, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+        mesh=mesh, data_axis=data_axis, augment=augment, two_views=two_views,
+        worker_count=worker_count, drop_remainder=drop_remainder, modalities=modalities,
+        process_index=process_index, process_count=process_count, read_threads=read_threads,
+        prefetch=prefetch))
+
+
+def steps_per_epoch(source, batch_size: int, *, process_count: int | None = None) -> int:
+    """Full batches per epoch on process 0 for ``make_iterator(source, batch_size, ...)``.
+
+    Batches are cut from the stream of repeated epochs, so a batch may span an epoch
+    boundary; ``k`` epochs give ``floor(k * shard / local_batch)`` batches in total.
+    """
+    if process_count is None:
+        process_count = jax.process_count()
+    shard = len(range(0, len(source), process_count))
+    return shard // (batch_size // process_count)
