@@ -12,6 +12,23 @@ for a row of logits ``z`` with positive ``y`` and smoothing ``eps`` over ``N`` c
 
 The second form needs only a log-sum-exp, the positive and the row sum, so it streams over
 column blocks (see :mod:`gram_jax.distributed`).
+
+**Global batch and streaming.** The contrastive losses (GRAM, InfoNCE, SigLIP, NT-Xent / CoMM)
+take three more keywords:
+
+- ``axis_name``: call the loss inside your own ``jax.shard_map`` over the mesh axis the batch is
+  sharded on (default ``check_vma=True``), on the LOCAL shards: it returns the GLOBAL loss and
+  metrics (identical on every device) and its gradient inside the shard_map is the exact
+  gradient of the global loss. ``None`` (default): the single-device loss.
+- ``impl``: with ``axis_name``, ``"all_gather"`` (local rows against all-gathered columns;
+  ``O(B^2 / n)`` scores per device), ``"ring"`` (``ppermute`` of candidate blocks with a
+  streaming log-sum-exp and a recomputing custom VJP; ``O((B / n)^2)`` scores per device) or
+  ``"ring_checkpoint"`` (the ring differentiated through ``jax.checkpoint``; for comparison).
+- ``chunk_size``: without ``axis_name``, evaluate the loss over ``chunk_size x chunk_size``
+  score tiles with a streaming log-sum-exp (``O(chunk^2)`` scores; for B beyond memory).
+
+Without these keywords the loss is the dense reference computation (the full score matrix).
+Metrics are the same quantities either way (accuracies use the first maximum, as argmax).
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from gram_jax.distributed import Impl, pair_stats
 from gram_jax.volume import GradientMode, pairwise_volume, validate_pairwise_inputs
 
 __all__ = [
@@ -118,6 +136,50 @@ def _as_list(others) -> list:
     return list(others)
 
 
+def _check_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+class _Global:
+    """Global-batch bookkeeping for the streamed losses: sums over the mesh axis, global ids."""
+
+    def __init__(self, local_batch: int, axis_name: str | None):
+        self.axis_name = axis_name
+        n_dev = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+        first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * local_batch
+        self.n = local_batch * n_dev  # global batch size
+        self.ids = first + jnp.arange(local_batch)  # global indices of the local items
+
+    def sum(self, x: Array) -> Array:
+        s = jnp.sum(x)
+        return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
+
+    def mean(self, x: Array) -> Array:
+        return self.sum(x) / self.n
+
+    def accuracy(self, stats: dict) -> Array:
+        return self.mean(stats["arg"] == self.ids)
+
+    def offdiag_mean(self, stats: dict) -> Array:
+        """Mean of the off-diagonal scores from the row sums and the diagonal."""
+        return (self.sum(stats["tot"]) - self.sum(stats["pos"])) / max(self.n * (self.n - 1), 1)
+
+
+def _ce(stats: dict, label_smoothing: float, n: int) -> Array:
+    """Per-row ``CE_eps`` from streamed statistics: ``lse - (1 - eps) z_pos - eps mean(z)``."""
+    eps = label_smoothing
+    return stats["lse"] - (1.0 - eps) * stats["pos"] - eps * stats["tot"] / n
+
+
+def _dot_score(x: Array, y: Array) -> Array:
+    return jnp.matmul(x, y.T, precision=_HIGHEST)
+
+
+def _streamed(axis_name, chunk_size) -> bool:
+    return axis_name is not None or chunk_size is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # GRAM
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +192,9 @@ def gram_contrastive_loss(
     label_smoothing: float = 0.1,
     gradient: Literal["exact", "faithful"] = "exact",
     volume_gradient: GradientMode = "safe",
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """GRAM's volume contrastive loss over a batch of B items, both directions.
 
@@ -150,6 +215,10 @@ def gram_contrastive_loss(
         ``1/2 [CE(-V(t, sg(o)) / tau) + CE(-V(sg(t), o)^T / tau)]``; same value, different
         gradient.
       volume_gradient: ``"safe"`` or ``"faithful"`` square root (see :mod:`gram_jax.volume`).
+      axis_name: mesh axis of the batch when called inside ``shard_map`` on local shards
+        (module docstring); the result is the global loss.
+      impl: ``"all_gather"``, ``"ring"`` or ``"ring_checkpoint"`` (with ``axis_name``).
+      chunk_size: single-device tile size for the streaming evaluation.
 
     Returns:
       ``(loss, metrics)``; metrics: ``loss``, ``temperature``, ``volume/positive`` and
@@ -157,6 +226,11 @@ def gram_contrastive_loss(
     """
     others = _as_list(others)
     _check_square_batch(anchor, others)
+    if _streamed(axis_name, chunk_size):
+        return _gram_streamed(
+            anchor, others, temperature, label_smoothing, gradient, volume_gradient,
+            axis_name, impl, chunk_size,
+        )  # fmt: skip
     if gradient == "exact":
         v = pairwise_volume(anchor, *others, gradient=volume_gradient)
         v_row, v_col = v, v
@@ -182,6 +256,39 @@ def gram_contrastive_loss(
     return loss, metrics
 
 
+def _gram_streamed(
+    anchor, others, temperature, label_smoothing, gradient, volume_gradient, axis_name, impl,
+    chunk_size,
+):  # fmt: skip
+    """:func:`gram_contrastive_loss` through :func:`gram_jax.distributed.pair_stats`."""
+    _check_smoothing(label_smoothing)
+    if gradient not in ("exact", "faithful"):
+        raise ValueError(f"gradient must be 'exact' or 'faithful', got {gradient!r}")
+
+    def score(a, o):
+        return pairwise_volume(a, *o, gradient=volume_gradient)
+
+    # z = -V / tau: scale = -1 / tau.
+    row, col = pair_stats(
+        score, anchor, tuple(others), -1.0 / temperature, axis_name=axis_name, impl=impl,
+        chunk_size=chunk_size, faithful=gradient == "faithful",
+    )  # fmt: skip
+    g = _Global(anchor.shape[0], axis_name)
+    loss = 0.5 * (g.sum(_ce(row, label_smoothing, g.n)) + g.sum(_ce(col, label_smoothing, g.n)))
+    loss = loss / g.n
+    tau = jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32))
+    stats = jax.lax.stop_gradient({k: row[k] for k in ("pos", "tot")})
+    metrics = {
+        "loss": loss,
+        "temperature": jnp.asarray(temperature, jnp.float32),
+        "volume/positive": -tau * g.mean(stats["pos"]),
+        "volume/negative": -tau * g.offdiag_mean(stats),
+        "accuracy/anchor_to_rest": g.accuracy(row),
+        "accuracy/rest_to_anchor": g.accuracy(col),
+    }
+    return loss, metrics
+
+
 # ---------------------------------------------------------------------------------------------
 # InfoNCE / CLIP and SigLIP
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +307,9 @@ def infonce_loss(
     temperature: Float[Array, ""] | float,
     label_smoothing: float = 0.0,
     pairs: Literal["anchored", "all"] = "anchored",
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """Symmetric InfoNCE (CLIP) loss, pairwise or over k modalities.
 
@@ -210,7 +320,8 @@ def infonce_loss(
     - ``pairs="anchored"`` (ImageBind / LanguageBind): mean over m of ``L(anchor, others[m])``.
     - ``pairs="all"``: mean of ``L`` over all k(k-1)/2 pairs of ``[anchor, *others]``.
 
-    Embeddings are expected L2-normalised. Returns ``(loss, metrics)``.
+    Embeddings are expected L2-normalised. ``axis_name`` / ``impl`` / ``chunk_size``: global
+    batch on a mesh or single-device tiling (module docstring). Returns ``(loss, metrics)``.
     """
     others = _as_list(others)
     _check_square_batch(anchor, others)
@@ -221,6 +332,10 @@ def infonce_loss(
         index_pairs = [(a, b) for a in range(len(mods)) for b in range(a + 1, len(mods))]
     else:
         raise ValueError(f"pairs must be 'anchored' or 'all', got {pairs!r}")
+    if _streamed(axis_name, chunk_size):
+        return _infonce_streamed(
+            mods, index_pairs, temperature, label_smoothing, axis_name, impl, chunk_size
+        )
     losses, pos, neg, acc = [], [], [], []
     for a, b in index_pairs:
         loss_ab, logits = _clip_pair(mods[a], mods[b], temperature, label_smoothing)
@@ -240,11 +355,47 @@ def infonce_loss(
     return loss, metrics
 
 
+def _infonce_streamed(mods, index_pairs, temperature, label_smoothing, axis_name, impl, chunk):
+    """:func:`infonce_loss` through :func:`gram_jax.distributed.pair_stats`, pair by pair."""
+    _check_smoothing(label_smoothing)
+    g = _Global(mods[0].shape[0], axis_name)
+    tau = jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32))
+    losses, pos, neg, acc = [], [], [], []
+    for a, b in index_pairs:
+        row, col = pair_stats(
+            _dot_score, mods[a], mods[b], 1.0 / temperature, axis_name=axis_name, impl=impl,
+            chunk_size=chunk,
+        )  # fmt: skip
+        ce = g.sum(_ce(row, label_smoothing, g.n)) + g.sum(_ce(col, label_smoothing, g.n))
+        losses.append(0.5 * ce / g.n)
+        stats = jax.lax.stop_gradient({k: row[k] for k in ("pos", "tot")})
+        pos.append(tau * g.mean(stats["pos"]))  # cosine = logit * tau
+        neg.append(tau * g.offdiag_mean(stats))
+        acc.append(g.accuracy(row))
+    loss = jnp.mean(jnp.stack(losses))
+    metrics = {
+        "loss": loss,
+        "temperature": jnp.asarray(temperature, jnp.float32),
+        "cosine/positive": jnp.mean(jnp.stack(pos)),
+        "cosine/negative": jnp.mean(jnp.stack(neg)),
+        "accuracy/anchor_to_rest": jnp.mean(jnp.stack(acc)),
+    }
+    return loss, metrics
+
+
+def _siglip_pointwise(z: Array, is_positive: Array) -> Array:
+    """``-log sigmoid(l z)`` with ``l = +1`` on positives and ``-1`` elsewhere."""
+    return -jax.nn.log_sigmoid(jnp.where(is_positive, z, -z))
+
+
 def siglip_loss(
     x: Float[Array, "B D"],
     y: Float[Array, "B D"] | Sequence[Float[Array, "B D"]],
     scale: Float[Array, ""] | float,
     bias: Float[Array, ""] | float,
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """SigLIP's pairwise sigmoid loss (Zhai et al., 2023).
 
@@ -254,9 +405,32 @@ def siglip_loss(
 
     ``scale`` is t (SigLIP learns ``log t``, init log 10) and ``bias`` b (init -10). If ``y`` is
     a sequence, the loss is the mean over ``L(x, y[m])`` (anchored on ``x``).
+    ``axis_name`` / ``impl`` / ``chunk_size``: global batch on a mesh or single-device tiling
+    (module docstring); SigLIP needs only row sums, so no statistic travels back in the ring.
     """
     ys = _as_list(y)
     _check_square_batch(x, ys)
+    if _streamed(axis_name, chunk_size):
+        g = _Global(x.shape[0], axis_name)
+        losses, pos, neg = [], [], []
+        for ym in ys:
+            row, _ = pair_stats(
+                _dot_score, x, ym, scale, bias, axis_name=axis_name, impl=impl,
+                chunk_size=chunk_size, lse=False, pointwise=_siglip_pointwise, cols_stats=False,
+            )  # fmt: skip
+            losses.append(g.mean(row["pw"]))
+            stats = jax.lax.stop_gradient(row)
+            pos.append(g.mean(stats["pos"]))
+            neg.append(g.offdiag_mean(stats))
+        loss = jnp.mean(jnp.stack(losses))
+        metrics = {
+            "loss": loss,
+            "scale": jnp.asarray(scale, jnp.float32),
+            "bias": jnp.asarray(bias, jnp.float32),
+            "logit/positive": jnp.mean(jnp.stack(pos)),
+            "logit/negative": jnp.mean(jnp.stack(neg)),
+        }
+        return loss, metrics
     b = x.shape[0]
     labels = 2.0 * jnp.eye(b, dtype=x.dtype) - 1.0
     losses, pos, neg = [], [], []
@@ -288,7 +462,12 @@ def _l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 
 
 def nt_xent(
-    a: Float[Array, "N d"], b: Float[Array, "N d"], temperature: float = 0.1
+    a: Float[Array, "N d"],
+    b: Float[Array, "N d"],
+    temperature: float = 0.1,
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """SimCLR's 2N-way NT-Xent between paired sets ``a`` and ``b`` (rows L2-normalised here).
 
@@ -296,8 +475,22 @@ def nt_xent(
     excluded), row k of ``[S_ab | S_aa]`` has positive ``S_ab[k, k]`` and row k of
     ``[S_bb | S_ab^T]`` has positive ``S_ab^T[k, k]``; NTX is the mean CE over those 2N rows
     (negatives from both views: intra-view negatives). Returns ``(loss, top-1 accuracy)``.
+    ``axis_name`` / ``impl`` / ``chunk_size``: global batch on a mesh or single-device tiling
+    (module docstring): the LSEs of ``S_ab`` (rows and columns), ``S_aa`` and ``S_bb`` (rows,
+    diagonal masked) are streamed separately and combined with ``logaddexp``.
     """
     a, b = _l2_normalize(a), _l2_normalize(b)
+    if _streamed(axis_name, chunk_size):
+        kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
+        scale = 1.0 / temperature
+        ab_row, ab_col = pair_stats(_dot_score, a, b, scale, **kw)
+        aa, _ = pair_stats(_dot_score, a, a, scale, cols_stats=False, mask_diagonal=True, **kw)
+        bb, _ = pair_stats(_dot_score, b, b, scale, cols_stats=False, mask_diagonal=True, **kw)
+        g = _Global(a.shape[0], axis_name)
+        lse_a = jnp.logaddexp(ab_row["lse"], aa["lse"])
+        lse_b = jnp.logaddexp(ab_col["lse"], bb["lse"])
+        loss = 0.5 * (g.mean(lse_a - ab_row["pos"]) + g.mean(lse_b - ab_col["pos"]))
+        return loss, 0.5 * (g.accuracy(ab_row) + g.accuracy(ab_col))
     n = a.shape[0]
     s_ab = jnp.matmul(a, b.T, precision=_HIGHEST) / temperature
     # Self-similarities are removed with -inf (the authors subtract 1e8: same result).
@@ -317,6 +510,9 @@ def comm_loss(
     view1: Sequence[Float[Array, "B d"]],
     view2: Sequence[Float[Array, "B d"]],
     temperature: float = 0.1,
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """CoMM's loss (Dufumier et al., ICLR 2025), as in the authors' ``CoMMLoss``.
 
@@ -327,7 +523,8 @@ def comm_loss(
         l_i = 1/2 [NTX(z'_i, z''_full) + NTX(z''_i, z'_full)],   L = mean_{i = 0..n} l_i,
 
     so ``l_full = NTX(z'_full, z''_full)`` is the -I(Z', Z'') term and each masked term aligns a
-    single-modality view with the other view's full embedding.
+    single-modality view with the other view's full embedding. ``axis_name`` / ``impl`` /
+    ``chunk_size`` are passed to every :func:`nt_xent` (global batch on a mesh, or tiling).
     """
     if len(view1) != len(view2) or len(view1) < 2:
         raise ValueError(
@@ -338,13 +535,14 @@ def comm_loss(
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"every CoMM embedding must have the same shape (B, d), got {shapes}")
     full1, full2 = view1[-1], view2[-1]
+    kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
     terms, metrics = [], {}
     for i in range(len(view1)):
         if i == len(view1) - 1:
-            li, acc = nt_xent(full1, full2, temperature)
+            li, acc = nt_xent(full1, full2, temperature, **kw)
         else:
-            l12, a12 = nt_xent(view1[i], full2, temperature)
-            l21, a21 = nt_xent(view2[i], full1, temperature)
+            l12, a12 = nt_xent(view1[i], full2, temperature, **kw)
+            l21, a21 = nt_xent(view2[i], full1, temperature, **kw)
             li, acc = 0.5 * (l12 + l21), 0.5 * (a12 + a21)
         name = "full" if i == len(view1) - 1 else str(i)
         metrics[f"comm/loss_{name}"] = li
