@@ -1,0 +1,410 @@
+"""Experiment configs: the base schema, loading ``configs/<name>.py``, overrides, validation.
+
+A config file defines ``get_config() -> ml_collections.ConfigDict``; every experiment config
+starts from :func:`base_config` and changes fields, so the set of keys is the same everywhere
+and an override or a typo can be checked against it. Overrides use dotted paths::
+
+    python train.py --config configs/default.py --config.optim.lr=3e-4 --config.train.steps=50
+
+Values are parsed as Python literals (``3e-4``, ``(1, 8)``, ``True``, ``'cosine'``) and fall
+back to the raw string. Every error is a :class:`ConfigError` whose message starts with the
+full dotted key (``config.optim.lr``), so a user sees which setting is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "base_config",
+    "load_config",
+    "apply_override",
+    "validate",
+    "LOSSES",
+    "LOSS_IMPLS",
+]
+
+LOSSES = ("gram", "infonce", "siglip", "comm")
+LOSS_IMPLS = ("gspmd", "all_gather", "ring")
+SCHEDULES = ("cosine", "linear", "constant")
+ENCODER_KINDS = ("image", "video", "audio", "waveform", "text", "features")
+PRESETS = ("tiny", "small", "base", "large")
+SCORES = ("volume", "span_distance", "cosine")
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message starts with the dotted key."""
+
+
+def _modality(kind: str, preset: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
+    """One encoder entry: ``kind`` (encoder family), ``preset`` and ``EncoderConfig`` overrides."""
+    return ml_collections.ConfigDict(
+        {"kind": kind, "preset": preset, "overrides": ml_collections.ConfigDict(overrides)}
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a config may set, with defaults (GRAM on ``synthetic_trimodal``, tiny)."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "gram"  # "gram": per-modality towers + heads; "comm": CoMM fusion model
+    # modality name -> encoder; the names are also the batch keys the data pipeline yields.
+    c.model.modalities = ml_collections.ConfigDict(
+        {
+            "text": _modality("text", vocab_size=64),
+            "image": _modality("image", patch_size=8),
+            "audio": _modality("audio", audio_patch=(8, 8)),
+        }
+    )
+    c.model.anchor = "text"
+    c.model.embed_dim = 64
+    c.model.temperature_init = 0.07
+    c.model.learn_temperature = True
+    c.model.dtype = "float32"  # compute dtype of the encoders: "float32" or "bfloat16"
+    # CoMM only: fusion transformer and projector (research/comm.md section 2).
+    c.model.fusion_width = 64
+    c.model.fusion_depth = 1
+    c.model.fusion_heads = 8
+    c.model.projector_dims = (256, 128)
+    # DAM (GRAM's matching head) size; used when loss.dam_weight > 0.
+    c.model.matching_depth = 1
+    c.model.matching_heads = 4
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic_trimodal"
+    c.data.data_dir = ""  # "": $GRAM_JAX_DATA_DIR or ~/.cache/gram_jax/datasets
+    c.data.builder = ml_collections.ConfigDict()  # kwargs of gram_jax.data.prepare (sizes...)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.augment = "none"  # gram_jax.data.augment preset: none, default, light, simclr
+    c.data.two_views = False  # CoMM: two augmented views per example
+    c.data.worker_count = 0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "gram"
+    c.loss.impl = "gspmd"  # how a sharded batch's loss is computed (see gram_jax.distributed)
+    c.loss.label_smoothing = 0.1
+    c.loss.gradient = "exact"  # GRAM: "exact" or the authors' "faithful" stop-gradient
+    c.loss.pairs = "anchored"  # InfoNCE: "anchored" (anchor vs each) or "all" pairs
+    c.loss.dam_weight = 0.0  # GRAM's matching (DAM) term weight; the authors use 0.1
+    c.loss.comm_temperature = 0.1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.schedule = "cosine"
+    c.optim.end_lr_ratio = 0.0  # final lr = lr * end_lr_ratio
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+    # Per-module learning-rate multipliers: "regex=multiplier" strings matched (re.search)
+    # against parameter paths such as "towers/video/encoder/...". 0 freezes the module.
+    c.optim.lr_multipliers = ()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # global batch (all hosts)
+    c.train.steps = 1000
+    c.train.grad_accum = 1  # microbatches per step (GradCache: negatives stay global)
+    c.train.log_every = 25
+    c.train.eval_every = 0  # 0: evaluate only at the end
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpointing = True
+    c.train.progress_bar = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.params = "replicated"  # or "fsdp": shard parameters over the fsdp axis
+    c.mesh.fsdp_min_size = 2**14  # smaller parameters stay replicated under "fsdp"
+    c.mesh.rules = ()  # "regex=spec" overrides, spec like "fsdp,None" or "replicated"
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.scores = SCORES
+    c.eval.max_examples = 0  # 0: the whole split
+    c.eval.probe_tasks = ()  # label names for linear probes (Trifeature: "share", ...)
+    c.eval.probe_train_split = "train"
+    c.eval.probe_train_examples = 4096
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False  # call jax.distributed.initialize() (multi-host)
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_module(path: str):
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_gram_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    return module
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(key: str, old: Any, new: Any) -> Any:
+    """Convert an override to the type of the value it replaces, or raise naming the key."""
+    if old is None or isinstance(old, ml_collections.ConfigDict):
+        return new
+    if isinstance(old, bool):
+        if isinstance(new, bool):
+            return new
+        if isinstance(new, str) and new.lower() in ("true", "false"):
+            return new.lower() == "true"
+        raise ConfigError(f"{key}: expected a bool, got {new!r}")
+    if isinstance(old, int):
+        if isinstance(new, int) and not isinstance(new, bool):
+            return new
+        if isinstance(new, float) and new.is_integer():
+            return int(new)
+        raise ConfigError(f"{key}: expected an int, got {new!r}")
+    if isinstance(old, float):
+        if isinstance(new, int | float) and not isinstance(new, bool):
+            return float(new)
+        raise ConfigError(f"{key}: expected a float, got {new!r}")
+    if isinstance(old, str):
+        return str(new)
+    if isinstance(old, tuple | list):
+        if isinstance(new, str):
+            new = (new,) if new else ()
+        if not isinstance(new, tuple | list):
+            new = (new,)
+        return tuple(new)
+    return new
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Set ``config.<dotted> = literal(text)``, checking the key exists (or its parent is a map
+    of user-named entries such as ``model.modalities``)."""
+    parts = dotted.split(".")
+    node = config
+    path = "config"
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = f"{path}.{part}"
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"{path}: is a value, it has no field {part!r}")
+        if part not in node:
+            # Entries under these maps are named by the user, so new ones may be created.
+            open_maps = ("config.model.modalities", "config.data.builder")
+            user_named = path.startswith("config.model.modalities.") and path.endswith(".overrides")
+            if path in open_maps or user_named:
+                if last:
+                    node[part] = _parse_value(text)
+                    return
+                node[part] = ml_collections.ConfigDict()
+            else:
+                close = difflib.get_close_matches(part, list(node.keys()), n=1)
+                hint = f" (did you mean {path}.{close[0]}?)" if close else ""
+                raise ConfigError(f"{here}: no such key{hint}")
+        if last:
+            node[part] = _coerce(here, node[part], _parse_value(text))
+            return
+        node = node[part]
+        path = here
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file, with ``key=value`` overrides applied, validated.
+
+    ``overrides`` are ``"optim.lr=3e-4"`` (optionally prefixed with ``config.``).
+    """
+    config = _load_module(path).get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() of {path!r} must return an ml_collections.ConfigDict")
+    _check_schema(config, base_config(), "config")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        key = key.removeprefix("--").removeprefix("config.")
+        apply_override(config, key, text)
+    validate(config)
+    return config
+
+
+def _check_schema(config, schema, path: str) -> None:
+    """Every key of ``config`` must exist in ``schema`` (a config file's typo is an error)."""
+    for key in config.keys():
+        here = f"{path}.{key}"
+        if here in ("config.model.modalities", "config.data.builder"):
+            continue
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean {path}.{close[0]}?)" if close else ""
+            raise ConfigError(f"{here}: no such key{hint}")
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+            schema[key], ml_collections.ConfigDict
+        ):
+            _check_schema(config[key], schema[key], here)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _choice(config, key: str, choices) -> None:
+    value = _get(config, key)
+    if value not in choices:
+        raise ConfigError(f"config.{key}: {value!r} is not one of {tuple(choices)}")
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _positive(config, key: str, allow_zero: bool = False) -> None:
+    value = _get(config, key)
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, int | float) or isinstance(value, bool) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config.{key}: must be a number {bound}, got {value!r}")
+
+
+def parse_assignments(key: str, items) -> list[tuple[str, str]]:
+    """``("regex=value", ...)`` -> ``[(regex, value), ...]``, errors naming ``key``."""
+    out = []
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"config.{key}: entries must be 'regex=value' strings, got {item!r}")
+        pattern, value = item.rsplit("=", 1)
+        out.append((pattern.strip(), value.strip()))
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise :class:`ConfigError` naming the first bad key; checks values and their coherence."""
+    import re
+
+    _choice(config, "model.kind", ("gram", "comm"))
+    _choice(config, "loss.name", LOSSES)
+    _choice(config, "loss.impl", LOSS_IMPLS)
+    _choice(config, "loss.gradient", ("exact", "faithful"))
+    _choice(config, "loss.pairs", ("anchored", "all"))
+    _choice(config, "optim.schedule", SCHEDULES)
+    _choice(config, "mesh.params", ("replicated", "fsdp"))
+    _choice(config, "model.dtype", ("float32", "bfloat16"))
+    _choice(config, "data.augment", ("none", "default", "light", "simclr"))
+    mods = config.model.modalities
+    if len(mods) < 2:
+        raise ConfigError("config.model.modalities: at least two modalities are needed")
+    for name, mod in mods.items():
+        key = f"model.modalities.{name}"
+        for field in ("kind", "preset"):
+            if field not in mod:
+                raise ConfigError(f"config.{key}.{field}: missing")
+        _choice(config, f"{key}.kind", ENCODER_KINDS)
+        _choice(config, f"{key}.preset", PRESETS)
+        for field in mod.keys():
+            if field not in ("kind", "preset", "overrides"):
+                raise ConfigError(f"config.{key}.{field}: no such key (kind, preset, overrides)")
+    if config.model.kind == "gram":
+        if config.model.anchor not in mods:
+            raise ConfigError(
+                f"config.model.anchor: {config.model.anchor!r} is not one of the modalities "
+                f"{tuple(mods.keys())}"
+            )
+        if config.loss.name == "comm":
+            raise ConfigError("config.loss.name: 'comm' needs config.model.kind = 'comm'")
+    else:
+        if config.loss.name != "comm":
+            raise ConfigError(
+                f"config.loss.name: a CoMM model trains with the 'comm' loss, got "
+                f"{config.loss.name!r}"
+            )
+        if not config.data.two_views:
+            raise ConfigError("config.data.two_views: CoMM needs two augmented views (True)")
+    if config.loss.name == "gram" and config.loss.impl == "ring" and len(mods) > 4:
+        raise ConfigError("config.loss.impl: the ring GRAM loss supports k <= 4 modalities")
+    if not 0.0 <= config.loss.label_smoothing < 1.0:
+        raise ConfigError(
+            f"config.loss.label_smoothing: must be in [0, 1), got {config.loss.label_smoothing}"
+        )
+    _positive(config, "loss.dam_weight", allow_zero=True)
+    if config.loss.dam_weight > 0:
+        if config.loss.name != "gram":
+            raise ConfigError("config.loss.dam_weight: the DAM term needs the 'gram' loss")
+        if config.train.grad_accum > 1:
+            raise ConfigError(
+                "config.loss.dam_weight: DAM needs every item's tokens at once; it cannot be "
+                "combined with config.train.grad_accum > 1"
+            )
+    for key in ("model.embed_dim", "model.temperature_init", "optim.lr", "train.batch_size"):
+        _positive(config, key)
+    for key in ("train.steps", "train.grad_accum", "train.log_every", "eval.batch_size"):
+        _positive(config, key)
+    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.clip_norm"):
+        _positive(config, key, allow_zero=True)
+    for key in ("train.eval_every", "train.checkpoint_every", "eval.max_examples"):
+        _positive(config, key, allow_zero=True)
+    _positive(config, "train.keep_checkpoints")
+    if not 0.0 <= config.optim.end_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"config.optim.end_lr_ratio: must be in [0, 1], got {config.optim.end_lr_ratio}"
+        )
+    if config.optim.warmup_steps > config.train.steps:
+        raise ConfigError(
+            f"config.optim.warmup_steps: {config.optim.warmup_steps} exceeds config.train.steps "
+            f"= {config.train.steps}"
+        )
+    if config.train.batch_size % config.train.grad_accum:
+        raise ConfigError(
+            f"config.train.grad_accum: {config.train.grad_accum} does not divide "
+            f"config.train.batch_size = {config.train.batch_size}"
+        )
+    for pattern, value in parse_assignments("optim.lr_multipliers", config.optim.lr_multipliers):
+        try:
+            re.compile(pattern)
+            if float(value) < 0:
+                raise ValueError
+        except (re.error, ValueError):
+            raise ConfigError(
+                f"config.optim.lr_multipliers: bad entry {pattern}={value} (need a valid regex "
+                "and a multiplier >= 0)"
+            ) from None
+    for pattern, _ in parse_assignments("mesh.rules", config.mesh.rules):
+        try:
+            re.compile(pattern)
+        except re.error:
+            raise ConfigError(f"config.mesh.rules: bad regex {pattern!r}") from None
+    if config.mesh.fsdp < 1 or config.mesh.data == 0 or config.mesh.data < -1:
+        raise ConfigError(
+            f"config.mesh: data must be -1 or >= 1 and fsdp >= 1, got data={config.mesh.data}, "
+            f"fsdp={config.mesh.fsdp}"
+        )
+    for i, score in enumerate(config.eval.scores):
+        if score not in SCORES:
+            raise ConfigError(f"config.eval.scores[{i}]: {score!r} is not one of {SCORES}")

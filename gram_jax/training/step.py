@@ -1,0 +1,237 @@
+"""Train state and THE train step: one ``jax.jit`` with explicit shardings and donated state.
+
+State (a plain pytree of arrays, what Orbax saves)::
+
+    {"params":    pure dict of nnx.Param arrays (sharded by config.mesh rules),
+     "rest":      pure dict of the other nnx variables (BatchNorm statistics, RNG counters),
+     "opt_state": optax state (moments sharded like their parameters),
+     "step":      int32 (), completed steps,
+     "rng":       uint32 (2,), base key; step s uses fold_in(rng, s),
+     "bad_step":  int32 (), -1, or the first step whose loss or gradient was non-finite}
+
+One step: forward of every modality -> loss over the global batch -> gradients -> clipped
+AdamW update -> metrics. The non-finite guard is in the step: if the loss or the gradient
+norm is not finite, the update is skipped and ``bad_step`` records the step; it is sticky, so
+the state stays the last good one and the loop (which reads ``bad_step`` at each log and
+before each checkpoint, not every step) stops with the step number without host syncs in
+between.
+
+Gradient accumulation (``train.grad_accum = A``) is GradCache-style so that contrastive
+negatives stay global: (1) embeddings of the A microbatches without gradient (``lax.scan``),
+(2) loss and ``dL/d(embeddings)`` once over the global batch, (3) per microbatch, the VJP of
+its re-computed embeddings with its slice of that cotangent, summed. The result equals the
+gradient of the full-batch loss (up to float reassociation); activation memory is one
+microbatch. Microbatch j takes rows ``i * A + j`` so that every device keeps its own rows.
+BatchNorm statistics (CoMM's projector) are then per microbatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gram_jax.training.optim import make_optimizer
+from gram_jax.training.sharding import DATA_AXES, batch_spec, param_specs, tree_shardings
+from gram_jax.training.tasks import Task, build_model
+
+__all__ = ["Trainer", "make_trainer"]
+
+
+def _pure(state) -> Any:
+    return nnx.to_pure_dict(state)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the loop needs: the jitted step, shardings, and model (un)packing.
+
+    ``init()`` returns a fresh sharded state; ``abstract_state`` has ShapeDtypeStructs with
+    shardings (for restoring); ``step(state, batch) -> (state, metrics)`` donates ``state``;
+    ``model(state)`` rebuilds the NNX model from a state (for evaluation).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    task: Task
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    abstract_state: Any
+    init: Callable[[], Any]
+    step: Callable[[Any, Any], tuple[Any, dict]]
+    batch_sharding: NamedSharding
+
+    def model(self, state) -> nnx.Module:
+        return nnx.merge(self.graphdef, state["params"], state["rest"])
+
+
+def _split_micro(x, accum: int):
+    """(B, ...) -> (A, B / A, ...) with microbatch j = rows i * A + j (device-local rows)."""
+    b = x.shape[0]
+    y = x.reshape(b // accum, accum, *x.shape[1:])
+    return jnp.swapaxes(y, 0, 1)
+
+
+def _merge_micro(y):
+    """Inverse of :func:`_split_micro`: (A, B / A, ...) -> (B, ...)."""
+    x = jnp.swapaxes(y, 0, 1)
+    return x.reshape(-1, *x.shape[2:])
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> Trainer:
+    """Build the model abstractly, derive shardings, and jit the init and step functions."""
+    abstract_model = nnx.eval_shape(lambda: build_model(config))
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abs_params, abs_rest = _pure(abs_params), _pure(abs_rest)
+    tx, schedule = make_optimizer(config, abs_params)
+
+    p_specs = param_specs(config, abs_params, mesh)
+    r_specs = param_specs(config, abs_rest, mesh)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    o_specs = optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        abs_opt,
+        p_specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    specs = {
+        "params": p_specs,
+        "rest": r_specs,
+        "opt_state": o_specs,
+        "step": P(),
+        "rng": P(),
+        "bad_step": P(),
+    }
+    shardings = tree_shardings(specs, mesh)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, batch_spec())
+
+    def init_fn():
+        model = build_model(config)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = _pure(params), _pure(rest)
+        return {
+            "params": params,
+            "rest": rest,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(config.seed + 1),
+            "bad_step": jnp.full((), -1, jnp.int32),
+        }
+
+    init = jax.jit(init_fn, out_shardings=shardings)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(init_fn),
+        shardings,
+    )
+
+    accum = int(config.train.grad_accum)
+
+    def embed(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        emb = task.embed(model, batch)
+        return emb, _pure(nnx.state(model, nnx.Not(nnx.Param)))
+
+    def loss_on(params, rest, emb, batch, rng):
+        model = nnx.merge(graphdef, params, rest)
+        return task.loss(model, emb, batch, rng)
+
+    def grads_direct(params, rest, batch, rng):
+        def f(p):
+            emb, new_rest = embed(p, rest, batch)
+            loss, metrics = loss_on(p, new_rest, emb, batch, rng)
+            return loss, (metrics, new_rest)
+
+        (loss, (metrics, new_rest)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, metrics, new_rest, grads
+
+    def grads_cached(params, rest, batch, rng):
+        micro = jax.tree.map(lambda x: _split_micro(x, accum), batch)
+        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, DATA_AXES)))
+
+        def fwd(r, mb):
+            emb, r_new = embed(params, r, mb)
+            return r_new, (jax.lax.stop_gradient(emb), r)
+
+        new_rest, (emb_micro, rest_in) = jax.lax.scan(fwd, rest, micro)
+        emb = jax.tree.map(_merge_micro, emb_micro)
+        (loss, metrics), (g_loss, g_emb) = jax.value_and_grad(
+            lambda p, e: loss_on(p, new_rest, e, batch, rng), argnums=(0, 1), has_aux=True
+        )(params, emb)
+        g_emb_micro = jax.tree.map(lambda x: _split_micro(x, accum), g_emb)
+
+        def bwd(acc, xs):
+            mb, g, r = xs
+            _, vjp = jax.vjp(lambda p: embed(p, r, mb)[0], params)
+            (gp,) = vjp(g)
+            return jax.tree.map(jnp.add, acc, gp), None
+
+        grads, _ = jax.lax.scan(bwd, g_loss, (micro, g_emb_micro, rest_in))
+        return loss, metrics, new_rest, grads
+
+    def step_fn(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(state["rng"], step)
+        params, rest = state["params"], state["rest"]
+        if accum > 1:
+            loss, metrics, new_rest, grads = grads_cached(params, rest, batch, rng)
+        else:
+            loss, metrics, new_rest, grads = grads_direct(params, rest, batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = finite & (state["bad_step"] < 0)
+
+        def pick(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        new_state = {
+            "params": pick(new_params, params),
+            "rest": pick(new_rest, rest),
+            "opt_state": pick(new_opt, state["opt_state"]),
+            "step": step + 1,
+            "rng": state["rng"],
+            "bad_step": jnp.where(
+                (state["bad_step"] < 0) & ~finite, step + 1, state["bad_step"]
+            ).astype(jnp.int32),
+        }
+        out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        out["loss"] = loss.astype(jnp.float32)
+        out["grad_norm"] = grad_norm
+        out["lr"] = jnp.asarray(schedule(step), jnp.float32)
+        out["param_norm"] = optax.global_norm(params)
+        return new_state, out
+
+    step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+    return Trainer(
+        config=config,
+        mesh=mesh,
+        task=task,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=schedule,
+        state_shardings=shardings,
+        abstract_state=abstract_state,
+        init=init,
+        step=step,
+        batch_sharding=batch_sharding,
+    )
