@@ -58,30 +58,41 @@ def _safe_sqrt_jvp(primals, tangents):
     return y, scale * dx
 
 
-def det_small(m: Float[Array, "*batch k k"]) -> Float[Array, "*batch"]:
-    """Determinant of small matrices by cofactor expansion along the first row.
+def _det_entries(m: list[list[Array]]) -> Array:
+    """Determinant of a k x k matrix given as nested lists of equally-shaped arrays.
 
-    Exact polynomial in the entries (k! terms, so used for k <= 5; larger k falls back to
-    ``jnp.linalg.det``). Differentiable everywhere, including at singular matrices.
+    Cofactor expansion along the first row with memoised minors: an exact polynomial in the
+    entries, differentiable everywhere (also at singular matrices). Working on separate
+    entry arrays (no stacked (..., k, k) tensor to slice) keeps the gradient graph small.
     """
+    k = len(m)
+    memo: dict[tuple[int, ...], Array] = {}
+
+    def minor(cols: tuple[int, ...]) -> Array:  # rows are the last len(cols) rows
+        if cols in memo:
+            return memo[cols]
+        r = k - len(cols)
+        if len(cols) == 1:
+            val = m[r][cols[0]]
+        else:
+            val = 0.0
+            for idx, c in enumerate(cols):
+                term = m[r][c] * minor(cols[:idx] + cols[idx + 1 :])
+                val = val + term if idx % 2 == 0 else val - term
+        memo[cols] = val
+        return val
+
+    return minor(tuple(range(k)))
+
+
+def det_small(m: Float[Array, "*batch k k"]) -> Float[Array, "*batch"]:
+    """Determinant of small stacked matrices (k <= 5 by cofactor expansion, else LU)."""
     k = m.shape[-1]
     if m.shape[-2] != k:
         raise ValueError(f"det_small expects square matrices, got shape {m.shape}")
     if k > 5:
         return jnp.linalg.det(m)
-
-    def rec(rows: tuple[int, ...], cols: tuple[int, ...]) -> Array:
-        if len(rows) == 1:
-            return m[..., rows[0], cols[0]]
-        r, rest = rows[0], rows[1:]
-        total = 0.0
-        for idx, c in enumerate(cols):
-            minor = rec(rest, cols[:idx] + cols[idx + 1 :])
-            term = m[..., r, c] * minor
-            total = total + term if idx % 2 == 0 else total - term
-        return total
-
-    return rec(tuple(range(k)), tuple(range(k)))
+    return _det_entries([[m[..., i, j] for j in range(k)] for i in range(k)])
 
 
 def _validate(anchor, others, present_others):
@@ -117,15 +128,8 @@ def _validate(anchor, others, present_others):
     return out
 
 
-def masked_pairwise_gram(
-    anchor: Float[Array, "b1 d"],
-    others: Sequence[Float[Array, "b2 d"]],
-    present_others: Sequence[Bool[Array, " b2"] | None] | None = None,
-) -> Float[Array, "b1 b2 k k"]:
-    """The masked Gram matrices of every (anchor i, candidate j) pair, (B1, B2, k, k).
-
-    ``k = 1 + len(others)``; absent modalities get identity rows/columns (module docstring).
-    """
+def _masked_entries(anchor, others, present_others) -> list[list[Array]]:
+    """The k x k masked Gram entries as nested lists of (B1, B2) arrays."""
     present = _validate(anchor, others, present_others)
     a = anchor.astype(jnp.float32)
     xs = [x.astype(jnp.float32) for x in others]
@@ -139,20 +143,32 @@ def masked_pairwise_gram(
         return v
 
     aa = jnp.einsum("id,id->i", a, a, precision=_HIGHEST)
-    rows = [[None] * k for _ in range(k)]
-    rows[0][0] = jnp.broadcast_to(aa[:, None], (b1, b2))
+    g: list[list[Array]] = [[None] * k for _ in range(k)]
+    g[0][0] = jnp.broadcast_to(aa[:, None], (b1, b2))
     for m, x in enumerate(xs, start=1):
         ax = keep(jnp.einsum("id,jd->ij", a, x, precision=_HIGHEST), pf[m - 1])
-        rows[0][m] = rows[m][0] = ax
+        g[0][m] = g[m][0] = ax
         for n in range(m, k):
-            y = xs[n - 1]
-            dot = jnp.einsum("jd,jd->j", x, y, precision=_HIGHEST)
+            dot = jnp.einsum("jd,jd->j", x, xs[n - 1], precision=_HIGHEST)
             if n == m:
                 entry = dot if present[m - 1] is None else jnp.where(present[m - 1], dot, 1.0)
             else:
                 entry = keep(dot, pf[m - 1], pf[n - 1])
-            rows[m][n] = rows[n][m] = jnp.broadcast_to(entry[None], (b1, b2))
-    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)
+            g[m][n] = g[n][m] = jnp.broadcast_to(entry[None], (b1, b2))
+    return g
+
+
+def masked_pairwise_gram(
+    anchor: Float[Array, "b1 d"],
+    others: Sequence[Float[Array, "b2 d"]],
+    present_others: Sequence[Bool[Array, " b2"] | None] | None = None,
+) -> Float[Array, "b1 b2 k k"]:
+    """The masked Gram matrices of every (anchor i, candidate j) pair, (B1, B2, k, k).
+
+    ``k = 1 + len(others)``; absent modalities get identity rows/columns (module docstring).
+    """
+    g = _masked_entries(anchor, others, present_others)
+    return jnp.stack([jnp.stack(row, axis=-1) for row in g], axis=-2)
 
 
 def masked_pairwise_volume(
@@ -166,6 +182,12 @@ def masked_pairwise_volume(
     present_others: per other modality a (B2,) bool mask (True = present) or None (= all
     present). With every modality present this equals GRAM's pairwise volume (up to the
     safe ``sqrt``: ``max(det, 0)`` where the authors take ``|det|``, identical for valid Gram
-    matrices, whose determinant is >= 0).
+    matrices, whose determinant is >= 0). k <= 5 uses the entry polynomial; larger k stacks
+    the matrices and uses LU.
     """
-    return safe_sqrt(det_small(masked_pairwise_gram(anchor, others, present_others)))
+    g = _masked_entries(anchor, others, present_others)
+    if len(g) > 5:
+        det = jnp.linalg.det(jnp.stack([jnp.stack(row, axis=-1) for row in g], axis=-2))
+    else:
+        det = _det_entries(g)
+    return safe_sqrt(det)
