@@ -28,6 +28,7 @@ from gram_jax.volume import (
     candidate_gram,
     pairwise_gram_det,
     safe_sqrt,
+    span_basis,
     span_distance,
     validate_pairwise_inputs,
 )
@@ -119,19 +120,25 @@ def _lower_is_better(score: ScoreKind) -> bool:
 
 def _block_scores(score: ScoreKind, anchor: Array, others: Sequence[Array], cand) -> Array:
     """(R, C) scores of anchor rows against a candidate block (packed per-candidate terms)."""
-    cvecs, adj, det_m, inv_m = cand
-    u = [jnp.matmul(anchor, c.T, precision=_HIGHEST) for c in cvecs]
+    cvecs, adj, det_m, basis = cand
     if score == "cosine":
-        return u[0]
+        return jnp.matmul(anchor, cvecs[0].T, precision=_HIGHEST)
     aa = jnp.sum(anchor * anchor, axis=-1)[:, None]
-    mat, scale = (adj, det_m[None, :]) if score == "volume" else (inv_m, 1.0)
+    if score == "span_distance":
+        # Same computation as span_distance: projections on the candidate's span basis.
+        d2 = aa
+        for w in basis:
+            p = jnp.matmul(anchor, w.T, precision=_HIGHEST)
+            d2 = d2 - p * p
+        return safe_sqrt(d2)
+    u = [jnp.matmul(anchor, c.T, precision=_HIGHEST) for c in cvecs]
     quad = 0.0
     n = len(u)
     for r in range(n):
-        quad = quad + mat[None, :, r, r] * u[r] * u[r]
+        quad = quad + adj[None, :, r, r] * u[r] * u[r]
         for c in range(r + 1, n):
-            quad = quad + 2.0 * mat[None, :, r, c] * u[r] * u[c]
-    return safe_sqrt(aa * scale - quad)
+            quad = quad + 2.0 * adj[None, :, r, c] * u[r] * u[c]
+    return safe_sqrt(aa * det_m[None, :] - quad)
 
 
 def retrieval_scores(
@@ -152,11 +159,9 @@ def retrieval_scores(
     return jnp.matmul(anchor, others[0].T, precision=_HIGHEST)
 
 
-def _candidate_terms(others: Sequence[Array], ridge: float = 1e-6):
-    m, adj, det_m = candidate_gram(*others)
-    n = len(others)
-    inv = jnp.linalg.inv(m + ridge * jnp.eye(n, dtype=m.dtype))
-    return list(others), adj, det_m, 0.5 * (inv + jnp.swapaxes(inv, -1, -2))
+def _candidate_terms(others: Sequence[Array]):
+    _, adj, det_m = candidate_gram(*others)
+    return list(others), adj, det_m, span_basis(*others)
 
 
 def chunked_retrieval(

@@ -52,6 +52,7 @@ __all__ = [
     "pairwise_volume",
     "pairwise_gram_det",
     "span_distance",
+    "span_basis",
     "candidate_gram",
     "safe_sqrt",
     "validate_pairwise_inputs",
@@ -86,12 +87,16 @@ def _safe_sqrt_jvp(primals, tangents):
     return y, slope * dx
 
 
+def _check_gradient_mode(gradient: str) -> None:
+    if gradient not in ("safe", "faithful"):
+        raise ValueError(f"gradient must be 'safe' or 'faithful', got {gradient!r}")
+
+
 def _sqrt(x: Array, gradient: GradientMode) -> Array:
+    _check_gradient_mode(gradient)
     if gradient == "safe":
         return safe_sqrt(x)
-    if gradient == "faithful":
-        return jnp.sqrt(jnp.abs(x))
-    raise ValueError(f"gradient must be 'safe' or 'faithful', got {gradient!r}")
+    return jnp.sqrt(jnp.abs(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +225,7 @@ def gram_volume(
       The volumes, with the broadcast leading shape.
     """
     _validate_vectors(vectors)
+    _check_gradient_mode(gradient)
     anchor, others = vectors[0], vectors[1:]
     n = len(others)
     # M (candidate Gram) and u (anchor-candidate dots), per broadcast item.
@@ -360,8 +366,31 @@ def pairwise_volume(
         ``"faithful"`` (``sqrt(abs(det))``: NaN gradient at exactly zero volume).
       chunk_size: optional row / column block size (see :func:`pairwise_gram_det`).
     """
+    _check_gradient_mode(gradient)
     det = pairwise_gram_det(anchor, *others, chunk_size=chunk_size)
     return det if squared else _sqrt(det, gradient)
+
+
+def span_basis(*others: Float[Array, "B2 D"], ridge: float = 1e-6) -> list[Float[Array, "B2 D"]]:
+    """Per candidate, k - 1 vectors ``w_r`` with ``sum_r (a . w_r)^2 = |proj_span(C_j) a|^2``.
+
+    Regularised Gram-Schmidt in D-space: ``r_0 = c_0``, ``r_r = c_r - sum_{q<r} (c_r . w_q) w_q``
+    and ``w_r = r_r / sqrt(|r_r|^2 + ridge)``. For a non-degenerate candidate this is an
+    orthonormal basis of its span up to O(ridge / |r_r|^2); a direction the candidate does not
+    span (a repeated or zero vector, ``|r_r|^2 ~ 0``) gets ``w_r ~ 0`` and drops out. Working
+    on the vectors rather than inverting ``M_j = C_j C_j^T`` avoids squaring the condition
+    number: ``(M + ridge I)^-1`` in float32 is wrong by O(1) for a candidate with two equal
+    vectors. Every step is smooth for ``ridge > 0``.
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    basis: list[Array] = []
+    for c in others:
+        r = c
+        for w in basis:
+            r = r - _dot(r, w)[:, None] * w
+        basis.append(r * jax.lax.rsqrt(_dot(r, r) + ridge)[:, None])
+    return basis
 
 
 def span_distance(
@@ -373,24 +402,37 @@ def span_distance(
 ) -> Float[Array, "B1 B2"]:
     """Distance from anchor i to the span of candidate j's k - 1 vectors: ``(B1, B2)``.
 
-    ``dist_ij^2 = a_i.a_i - u_ij^T (M_j + ridge I)^-1 u_ij`` with ``u_ij = C_j a_i``. For a
-    non-degenerate candidate this is ``det G_ij / det M_j`` (so ``vol_ij = vol(C_j) dist_ij``)
-    up to O(ridge); for a degenerate candidate (repeated or zero vectors) the ridge limit is the
-    distance to the span actually spanned, instead of 0 / 0. Ranking by this score removes the
-    query-independent prior ``vol(C_j)`` that causes hubness in anchor -> candidate retrieval.
+    ``dist_ij^2 = a_i.a_i - sum_r (a_i . w_jr)^2`` with ``w_j`` the regularised orthonormal
+    basis of span(C_j) from :func:`span_basis` (k - 1 matrix products, like the volume). For a
+    non-degenerate candidate this is ``det G_ij / det M_j`` up to O(ridge) (so
+    ``vol_ij = vol(C_j) dist_ij``); for a degenerate candidate (repeated or zero vectors) it is
+    the distance to the span actually spanned, instead of 0 / 0. Ranking by this score removes
+    the query-independent prior ``vol(C_j)`` that causes hubness in anchor -> candidate
+    retrieval.
+
+    Args:
+      anchor: (B1, D).
+      *others: k - 1 >= 1 arrays (B2, D).
+      squared: return ``dist^2`` (clamped at 0).
+      ridge: regulariser of the Gram-Schmidt normalisation (>= 0; 0 only for candidates known
+        to be non-degenerate).
+      chunk_size: optional row / column block size (see :func:`pairwise_gram_det`).
     """
     validate_pairwise_inputs(anchor, others)
-    n = len(others)
-    m, _, _ = candidate_gram(*others)
-    p = jnp.linalg.inv(m + ridge * jnp.eye(n, dtype=m.dtype))
-    p = 0.5 * (p + jnp.swapaxes(p, -1, -2))
-    row_chunk, _ = _as_pair(chunk_size)
+    basis = span_basis(*others, ridge=ridge)
+    row_chunk, col_chunk = _as_pair(chunk_size)
 
     def rows_block(a_rows):
-        # Same quadratic form as the determinant with det(M) -> 1 and adj(M) -> (M + ridge)^-1.
-        u = [jnp.matmul(a_rows, o.T, precision=_HIGHEST) for o in others]
         aa = _dot(a_rows, a_rows)[:, None]
-        return _schur_det(aa, 1.0, p[None], u)
+
+        def cols_block(ws):
+            d2 = aa
+            for w in ws:
+                p = jnp.matmul(a_rows, w.T, precision=_HIGHEST)
+                d2 = d2 - p * p
+            return d2
+
+        return _chunked_map(cols_block, basis, col_chunk, axis_out=1)
 
     d2 = _chunked_map(rows_block, anchor, row_chunk, axis_out=0)
     return jnp.maximum(d2, 0.0) if squared else safe_sqrt(d2)
