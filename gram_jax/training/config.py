@@ -29,6 +29,7 @@ __all__ = [
     "validate",
     "LOSSES",
     "LOSS_IMPLS",
+    "modality",
 ]
 
 LOSSES = ("gram", "infonce", "siglip", "comm")
@@ -43,7 +44,7 @@ class ConfigError(ValueError):
     """A bad config value or key; the message starts with the dotted key."""
 
 
-def _modality(kind: str, preset: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
+def modality(kind: str, preset: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
     """One encoder entry: ``kind`` (encoder family), ``preset`` and ``EncoderConfig`` overrides."""
     return ml_collections.ConfigDict(
         {"kind": kind, "preset": preset, "overrides": ml_collections.ConfigDict(overrides)}
@@ -61,9 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     # modality name -> encoder; the names are also the batch keys the data pipeline yields.
     c.model.modalities = ml_collections.ConfigDict(
         {
-            "text": _modality("text", vocab_size=64),
-            "image": _modality("image", patch_size=8),
-            "audio": _modality("audio", audio_patch=(8, 8)),
+            "text": modality("text", vocab_size=64),
+            "image": modality("image", patch_size=8),
+            "audio": modality("audio", audio_patch=(8, 8)),
         }
     )
     c.model.anchor = "text"

@@ -1,7 +1,8 @@
 """Device mesh and sharding rules for the trainer.
 
-Mesh: 2-D ``("data", "fsdp")`` with Auto axis types (the train step is plain GSPMD ``jax.jit``
-with explicit in/out shardings; jax_stack.md's Explicit-axis trap does not apply).
+Mesh: ``("data", "fsdp", "model")`` (model = 1 here) with Auto axis types (the train step is
+plain GSPMD ``jax.jit`` with explicit in/out shardings; jax_stack.md's Explicit-axis trap does
+not apply).
 
 * The batch is sharded over BOTH axes (``P(("data", "fsdp"))``): FSDP is data parallelism whose
   parameters are additionally split over ``fsdp``, so every device sees B / n_devices rows.
@@ -23,9 +24,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gram_jax import distributed
 from gram_jax.training.config import ConfigError, parse_assignments
 from gram_jax.training.optim import param_paths
 
@@ -35,23 +37,16 @@ DATA_AXES = ("data", "fsdp")
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-    """The ``(data, fsdp)`` mesh over all (global) devices; ``mesh.data = -1`` takes the rest."""
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    """The ``(data, fsdp, model=1)`` mesh of :func:`gram_jax.distributed.make_mesh` (Auto
+    axes) over all global devices; ``mesh.data = -1`` takes the devices fsdp leaves."""
+    n = len(jax.devices() if devices is None else devices)
     fsdp = int(config.mesh.fsdp)
-    data = int(config.mesh.data)
-    if data == -1:
-        if n % fsdp:
-            raise ConfigError(f"config.mesh.fsdp: {fsdp} does not divide the {n} devices")
-        data = n // fsdp
-    if data * fsdp != n:
-        raise ConfigError(
-            f"config.mesh: data x fsdp = {data} x {fsdp} = {data * fsdp} != {n} devices"
-        )
-    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
-    return jax.make_mesh(
-        (data, fsdp), DATA_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
-    )
+    data = None if int(config.mesh.data) == -1 else int(config.mesh.data)
+    try:
+        return distributed.make_mesh(data, fsdp, devices=devices)
+    except ValueError as e:
+        msg = f"config.mesh: {e} (data={config.mesh.data}, fsdp={fsdp}, {n} devices)"
+        raise ConfigError(msg) from None
 
 
 def batch_spec() -> P:

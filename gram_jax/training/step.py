@@ -43,7 +43,7 @@ from gram_jax.training.optim import make_optimizer
 from gram_jax.training.sharding import DATA_AXES, batch_spec, param_specs, tree_shardings
 from gram_jax.training.tasks import Task, build_model
 
-__all__ = ["Trainer", "make_trainer"]
+__all__ = ["Trainer", "make_trainer", "example_shapes", "abstract_batch"]
 
 
 def _pure(state) -> Any:
@@ -235,3 +235,51 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
         step=step,
         batch_sharding=batch_sharding,
     )
+
+
+def example_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """Per-example model inputs ``{key: ShapeDtypeStruct}`` of a config's dataset, as the
+    Grain pipeline yields them, derived from the dataset's builder config without reading or
+    generating data (for lowering the step with abstract inputs)."""
+    import numpy as np
+
+    from gram_jax.data import registry
+
+    builder = dict(config.data.builder)
+    name = config.data.name
+    f32, i32 = jnp.float32, jnp.int32
+    if name == "synthetic_trimodal":
+        c = registry.make_config(name, **builder)
+        table = {
+            "image": ((c.image_size, c.image_size, 3), f32),
+            "audio": ((c.n_frames, c.n_mels), f32),
+            "text": ((c.text_length,), i32),
+            "text_mask": ((c.text_length,), jnp.bool_),
+        }
+    elif name == "trifeature":
+        c = registry.make_config(name, **builder)
+        img = ((c.render_size, c.render_size, 3), f32)
+        table = {"image1": img, "image2": img}
+    elif name == "embeddings":
+        with np.load(builder["npz_path"]) as z:
+            table = {k: (z[k].shape[1:], f32) for k in z.files}
+    else:
+        raise ValueError(f"no shape table for dataset {name!r}")
+    keep = {}
+    for m in config.model.modalities:
+        if m not in table:
+            raise ValueError(f"modality {m!r} is not a field of dataset {name!r}: {sorted(table)}")
+        keep[m] = table[m]
+        if f"{m}_mask" in table:
+            keep[f"{m}_mask"] = table[f"{m}_mask"]
+    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in keep.items()}
+
+
+def abstract_batch(config: ml_collections.ConfigDict, sharding: NamedSharding) -> dict:
+    """The global training batch as ShapeDtypeStructs with ``sharding`` (two views for CoMM)."""
+    b = config.train.batch_size
+    one = {
+        k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype, sharding=sharding)
+        for k, s in example_shapes(config).items()
+    }
+    return {"view1": one, "view2": dict(one)} if config.data.two_views else one
