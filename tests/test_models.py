@@ -145,7 +145,7 @@ def test_video_pooled_is_mean_of_frames(encoders):
 
 
 def test_bf16_compute_float32_params():
-    enc = build_encoder("image", "tiny", dtype=jnp.bfloat16)
+    enc = build_encoder("image", "tiny", dtype="bfloat16")  # names accepted (config files)
     leaves = jax.tree.leaves(nnx.state(enc, nnx.Param))
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
 

@@ -82,6 +82,14 @@ class EncoderConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        # accept dtype names from config files ("bfloat16", "float32")
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        object.__setattr__(self, "audio_patch", tuple(self.audio_patch))
+        object.__setattr__(self, "conv_kernels", tuple(self.conv_kernels))
+        object.__setattr__(self, "conv_strides", tuple(self.conv_strides))
+        if self.conv_channels is not None:
+            object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
         if self.width <= 0 or self.depth < 0 or self.num_heads <= 0:
             raise ValueError(
                 f"width, depth, num_heads must be positive (depth may be 0), got "

@@ -310,8 +310,8 @@ class TextEncoder(nnx.Module):
     ``token_mask = (ids != 0) & mask`` (``mask`` optional, (B, L) bool). Padded keys are masked
     out of every attention; with ``pool="mean"`` the mean runs over valid tokens only (an
     all-padding row pools to zeros). Embedding table ~ N(0, 0.02^2), fixed 1-D positions.
-    Ids must lie in ``[0, vocab_size)`` (not checked inside jit: out-of-range ids are clipped
-    by the gather).
+    Ids must lie in ``[0, vocab_size)``; this cannot be checked inside jit, and an
+    out-of-range id gets a NaN embedding (``jnp.take``'s fill mode), which fails loudly.
     """
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):

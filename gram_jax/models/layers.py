@@ -201,12 +201,13 @@ class Mlp(nnx.Module):
             fc_bias = proj_bias = nnx.initializers.zeros_init()
         else:
             raise ValueError(f"unknown init scheme {init!r}")
-        self.act = activation_fn(activation)
+        activation_fn(activation)  # validate the name now
+        self.activation = activation  # a name (static, hashable), resolved at call time
         self.fc = _linear(width, hidden, fc_init, fc_bias, dtype, param_dtype, rngs)
         self.proj = _linear(hidden, out_width, proj_init, proj_bias, dtype, param_dtype, rngs)
 
     def __call__(self, x: Float[Array, "... w"]) -> Float[Array, "... w_out"]:
-        return self.proj(self.act(self.fc(x)))
+        return self.proj(activation_fn(self.activation)(self.fc(x)))
 
 
 class TransformerBlock(nnx.Module):
