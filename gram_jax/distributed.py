@@ -622,7 +622,10 @@ def pair_stats(
       gradient) and ``arg`` (int32 global index of the first maximum); col_stats is None
       unless ``cols_stats``.
     """
-    scale, bias = jnp.asarray(scale), jnp.asarray(bias)
+    # Python-number scale / bias take the embeddings' dtype (jnp.asarray would give float64
+    # under x64 and promote the statistics).
+    dt = jnp.result_type(*jax.tree.leaves(rows), *jax.tree.leaves(cols))
+    scale, bias = (x if hasattr(x, "dtype") else jnp.asarray(x, dt) for x in (scale, bias))
     spec = _Spec(
         score=score, lse=lse, pointwise=pointwise, cols=cols_stats,
         mask_diagonal=mask_diagonal, faithful=faithful,

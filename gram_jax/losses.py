@@ -118,7 +118,8 @@ def _row_accuracy(logits: Array, larger_is_better: bool = True) -> Array:
 
 def _offdiag_mean(x: Array) -> Array:
     n = x.shape[0]
-    return (jnp.sum(x) - jnp.trace(x)) / max(n * (n - 1), 1)
+    # A float: n (n - 1) overflows int32 (the jit argument type) from n = 46341 on.
+    return (jnp.sum(x) - jnp.trace(x)) / float(max(n * (n - 1), 1))
 
 
 def _check_square_batch(anchor: Array, others: Sequence[Array]) -> None:
@@ -163,7 +164,7 @@ class _Global:
 
     def offdiag_mean(self, stats: dict) -> Array:
         """Mean of the off-diagonal scores from the row sums and the diagonal."""
-        return (self.sum(stats["tot"]) - self.sum(stats["pos"])) / max(self.n * (self.n - 1), 1)
+        return (self.sum(stats["tot"]) - self.sum(stats["pos"])) / float(max(self.n**2 - self.n, 1))
 
 
 def _ce(stats: dict, label_smoothing: float, n: int) -> Array:
