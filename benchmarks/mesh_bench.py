@@ -117,26 +117,34 @@ def measure(mesh, impl, b, k, d, time_it: bool, repeats: int):
     return row
 
 
-def projection(rows, n_target=256, hbm=16 * 2**30):
-    """Largest global batch per impl on n_target chips from the measured memory scaling.
+# Per-device temporary memory model: temp = c2 B^2 f2(n) + c1 B f1(n).
+_LAWS = {
+    # ring: tile-sized scores (B/n)^2 plus local blocks B/n.
+    "ring": ("c2 (B/n)^2 + c1 B/n", lambda n: n**-2, lambda n: 1 / n),
+    # ring_checkpoint: tiles plus the n saved visiting blocks (B k D in all).
+    "ring_checkpoint": ("c2 (B/n)^2 + c1 B", lambda n: n**-2, lambda n: 1.0),
+    # all_gather / gspmd: B^2 / n scores plus gathered embeddings B k D.
+    "dense": ("c2 B^2/n + c1 B", lambda n: 1 / n, lambda n: 1.0),
+}
 
-    Per device, ring temp ~ c_r (B/n)^2 (tile-sized); all_gather / gspmd temp ~ c_a B^2 / n.
-    c is fitted at the largest measured B (where the quadratic term dominates); then
-    ring: B_max = n sqrt(HBM / c_r); all_gather / gspmd: B_max = sqrt(n HBM / c_a).
+
+def projection(rows, n_target=256, hbm=16 * 2**30, n=8):
+    """Largest global batch per impl on ``n_target`` chips from the measured memory scaling.
+
+    The two coefficients of each impl's law (``_LAWS``) are fitted through its two largest
+    measured B on ``n`` devices; ``B_max`` solves ``temp(B_max, n_target) = hbm``.
     """
     out = {}
     for (impl, k), group in _groups(rows).items():
-        big = max(group, key=lambda r: r["B"])
-        b, n = big["B"], 8
-        if impl.startswith("ring") and impl != "ring_checkpoint":
-            c = big["temp_bytes"] / (b / n) ** 2
-            bmax = n_target * math.sqrt(hbm / c)
-            law = "temp = c (B/n)^2"
-        else:
-            c = big["temp_bytes"] / (b * b / n)
-            bmax = math.sqrt(n_target * hbm / c)
-            law = "temp = c B^2/n"
-        out[f"{impl}/k={k}"] = {"law": law, "c_bytes": c, "B_max": int(bmax)}
+        (b1, t1), (b2, t2) = sorted((r["B"], r["temp_bytes"]) for r in group)[-2:]
+        key = impl if impl == "ring_checkpoint" else "ring" if impl.startswith("ring") else "dense"
+        law, f2, f1 = _LAWS[key]
+        q1, l1, q2, l2 = b1 * b1 * f2(n), b1 * f1(n), b2 * b2 * f2(n), b2 * f1(n)
+        det = q1 * l2 - q2 * l1
+        c2, c1 = (t1 * l2 - t2 * l1) / det, (q1 * t2 - q2 * t1) / det
+        a, b = c2 * f2(n_target), c1 * f1(n_target)
+        bmax = (-b + math.sqrt(b * b + 4 * a * hbm)) / (2 * a)
+        out[f"{impl}/k={k}"] = {"law": f"temp = {law}", "c2": c2, "c1": c1, "B_max": int(bmax)}
     return out
 
 
@@ -156,7 +164,18 @@ def main():
     p.add_argument("--time-max-batch", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "mesh_bench.json"))
+    p.add_argument(
+        "--reproject", action="store_true", help="recompute the projection of an --out file"
+    )
     a = p.parse_args()
+    if a.reproject:
+        with open(a.out) as f:
+            result = json.load(f)
+        result["projection_v5e256"] = projection(result["rows"])
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result["projection_v5e256"]))
+        return
     mesh = make_mesh()
     rows = []
     for k in [int(x) for x in a.ks.split(",")]:
