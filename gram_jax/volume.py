@@ -272,8 +272,23 @@ def candidate_gram(
     return m, _adjugate(m), _det_poly(m)
 
 
+def _gemm(x: Array, y: Array) -> Array:
+    """``x @ y.T`` at HIGHEST precision, kept as a product of its own (see below).
+
+    The ``reduce_precision`` to the array's own format is the identity on the values. It stops
+    XLA:CPU from fusing the GEMM and the elementwise polynomial that consumes it into one
+    YNNPACK kernel, which runs 1.4-1.7x slower than a plain GEMM followed by a separate
+    elementwise loop (measured on 2 cores: pairwise_volume at B = 2048, k = 4 goes from
+    ~1.5x to ~1.1x the bare matrix products; ``benchmarks/volume_bench.py``). On other
+    backends the no-op fuses into the consumer.
+    """
+    p = jnp.matmul(x, y.T, precision=_HIGHEST)
+    fi = jnp.finfo(p.dtype)
+    return jax.lax.reduce_precision(p, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
 def _pairwise_det_block(anchor: Array, others: Sequence[Array], adj: Array, det_m: Array) -> Array:
-    u = [jnp.matmul(anchor, o.T, precision=_HIGHEST) for o in others]  # k-1 GEMMs, (B1, B2)
+    u = [_gemm(anchor, o) for o in others]  # k-1 GEMMs, (B1, B2)
     aa = _dot(anchor, anchor)[:, None]
     return _schur_det(aa, det_m[None, :], adj[None], u)
 
@@ -428,7 +443,7 @@ def span_distance(
         def cols_block(ws):
             d2 = aa
             for w in ws:
-                p = jnp.matmul(a_rows, w.T, precision=_HIGHEST)
+                p = _gemm(a_rows, w)
                 d2 = d2 - p * p
             return d2
 
