@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpointing = True
     c.train.progress_bar = True
+    c.train.final_eval = True  # held-out evaluation + final_metrics.json at the end
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

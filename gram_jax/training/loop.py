@@ -254,6 +254,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         progress.close()
         raise
     progress.close()
+    if not config.train.final_eval:
+        ckpt.close()
+        writer.close()
+        return {}
     final = evaluate(trainer, state, config)
     final["train/steps"] = float(steps)
     writer.write(steps, "eval", final)

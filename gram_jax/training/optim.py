@@ -49,8 +49,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         decay = optax.linear_schedule(peak, end, max(steps - warm, 1))
     if warm == 0:
         return decay
-    # Warmup reaches the peak at step `warm` (the first step trains at lr / warm, not 0).
-    warmup = optax.linear_schedule(peak / warm, peak, warm)
+    # Update i < warm trains at lr * (i + 1) / warm: the first is not wasted at lr 0.
+    warmup = optax.linear_schedule(peak / warm, peak, max(warm - 1, 0))
     return optax.join_schedules([warmup, decay], [warm])
 
 
@@ -114,7 +114,7 @@ def _masked_clip(max_norm: float, trainable: Any) -> optax.GradientTransformatio
             for u, t in zip(jax.tree.leaves(updates), jax.tree.leaves(trainable), strict=True)
             if t
         ]
-        norm = optax.global_norm(leaves)
+        norm = optax.tree.norm(leaves)
         scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
         return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
 

@@ -88,6 +88,32 @@ def _merge_micro(y):
     return x.reshape(-1, *x.shape[2:])
 
 
+def _opt_specs(abs_opt: Any, abs_params: Any, p_specs: Any) -> Any:
+    """Optimizer-state specs: a leaf whose trailing dict-key path and shape are a parameter's
+    (Adam moments, inside any multi_transform group) takes that parameter's spec; the rest
+    (counts, empty group states) is replicated."""
+    by_path = {}
+    for (path, spec), leaf in zip(
+        jax.tree_util.tree_leaves_with_path(p_specs, is_leaf=lambda x: isinstance(x, P)),
+        jax.tree.leaves(abs_params),
+        strict=True,
+    ):
+        by_path[tuple(k.key for k in path)] = (spec, tuple(leaf.shape))
+
+    def spec_of(path, leaf) -> P:
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.append(k.key)
+        hit = by_path.get(tuple(reversed(keys)))
+        if hit is not None and hit[1] == tuple(leaf.shape):
+            return hit[0]
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec_of, abs_opt)
+
+
 def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> Trainer:
     """Build the model abstractly, derive shardings, and jit the init and step functions."""
     abstract_model = nnx.eval_shape(lambda: build_model(config))
@@ -98,14 +124,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
     p_specs = param_specs(config, abs_params, mesh)
     r_specs = param_specs(config, abs_rest, mesh)
     abs_opt = jax.eval_shape(tx.init, abs_params)
-    o_specs = optax.tree_map_params(
-        tx,
-        lambda _, spec: spec,
-        abs_opt,
-        p_specs,
-        transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, P),
-    )
+    o_specs = _opt_specs(abs_opt, abs_params, p_specs)
     specs = {
         "params": p_specs,
         "rest": r_specs,
@@ -190,7 +209,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
             loss, metrics, new_rest, grads = grads_cached(params, rest, batch, rng)
         else:
             loss, metrics, new_rest, grads = grads_direct(params, rest, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -213,7 +232,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
         out["loss"] = loss.astype(jnp.float32)
         out["grad_norm"] = grad_norm
         out["lr"] = jnp.asarray(schedule(step), jnp.float32)
-        out["param_norm"] = optax.global_norm(params)
+        out["param_norm"] = optax.tree.norm(params)
         return new_state, out
 
     step = jax.jit(

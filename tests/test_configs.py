@@ -1,0 +1,145 @@
+"""Config files load and validate; bad keys and values are reported by their dotted name."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from gram_jax.training.config import ConfigError, base_config, load_config, validate
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_expected_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {
+        "default",
+        "infonce_baseline",
+        "comm_synthetic",
+        "comm_trifeature",
+        "gram_embeddings",
+        "tpu_pod_base",
+    } <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_validates(path):
+    c = load_config(str(path))
+    assert c.name == path.stem
+    validate(c)
+
+
+def test_comparison_configs_share_data_steps_and_seed():
+    base = load_config(str(ROOT / "configs" / "default.py"))
+    for name in ("infonce_baseline", "comm_synthetic"):
+        c = load_config(str(ROOT / "configs" / f"{name}.py"))
+        for key in ("seed", "train.steps", "train.batch_size", "data.name", "optim.lr"):
+            node_a, node_b = base, c
+            for part in key.split("."):
+                node_a, node_b = node_a[part], node_b[part]
+            assert node_a == node_b, (name, key)
+
+
+def test_tpu_pod_config_is_pod_sized():
+    c = load_config(str(ROOT / "configs" / "tpu_pod_base.py"))
+    assert c.train.batch_size >= 4096
+    assert c.loss.impl == "ring" and c.model.dtype == "bfloat16"
+    assert c.mesh.fsdp > 1 and c.mesh.params == "fsdp"
+    assert all(m.preset == "base" for m in c.model.modalities.values())
+
+
+def test_overrides_are_typed():
+    c = load_config(
+        str(ROOT / "configs" / "default.py"),
+        ["optim.lr=3e-4", "config.train.steps=70", "optim.schedule=linear", "train.steps=80"],
+    )
+    assert c.optim.lr == 3e-4 and c.train.steps == 80 and c.optim.schedule == "linear"
+    c = load_config(str(ROOT / "configs" / "default.py"), ["optim.lr=1"])
+    assert isinstance(c.optim.lr, float)
+    c = load_config(
+        str(ROOT / "configs" / "default.py"),
+        ["model.modalities.image.overrides.width=32", "optim.lr_multipliers=('encoders/image=0',)"],
+    )
+    assert c.model.modalities.image.overrides.width == 32
+    assert c.optim.lr_multipliers == ("encoders/image=0",)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1e-3", "config.optim.lrr"),
+        ("optimizer.lr=1e-3", "config.optimizer"),
+        ("optim.lr=fast", "config.optim.lr"),
+        ("optim.lr=-1.0", "config.optim.lr"),
+        ("train.steps=2.5", "config.train.steps"),
+        ("loss.name=triplet", "config.loss.name"),
+        ("loss.impl=allgather", "config.loss.impl"),
+        ("model.anchor=video", "config.model.anchor"),
+        ("model.modalities.image.kind=picture", "config.model.modalities.image.kind"),
+        ("optim.warmup_steps=100000", "config.optim.warmup_steps"),
+        ("train.grad_accum=3", "config.train.grad_accum"),
+        ("eval.scores=('volume','dot')", "config.eval.scores"),
+        ("optim.lr_multipliers=('encoders/(=0.1',)", "config.optim.lr_multipliers"),
+    ],
+)
+def test_config_errors_name_the_bad_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(ROOT / "configs" / "default.py"), [override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"did you mean config\.optim\.lr\?"):
+        load_config(str(ROOT / "configs" / "default.py"), ["optim.lrr=1e-3"])
+
+
+def test_typo_inside_a_config_file_is_reported(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from gram_jax.training.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.train.stepz = 3\n"
+        "    return c\n"
+    )
+    with pytest.raises(ConfigError, match=r"^config\.train\.stepz: no such key"):
+        load_config(str(bad))
+
+
+def test_incoherent_settings_are_rejected():
+    c = base_config()
+    c.model.kind = "comm"
+    with pytest.raises(ConfigError, match=r"^config\.loss\.name"):
+        validate(c)
+    c = base_config()
+    c.loss.dam_weight = 0.1
+    c.train.grad_accum = 2
+    with pytest.raises(ConfigError, match=r"^config\.loss\.dam_weight"):
+        validate(c)
+
+
+def test_train_cli_reports_config_errors(capsys):
+    train = _train_module()
+    rc = train.main(["--config", str(ROOT / "configs" / "default.py"), "--config.optim.lrr=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "config.optim.lrr" in err
+    rc = train.main(["--config", str(ROOT / "configs" / "nope.py")])
+    assert rc == 2
+
+
+def test_train_cli_parses_both_override_forms():
+    train = _train_module()
+    args, overrides = train.parse_args(
+        ["--workdir", "/tmp/x", "--config.optim.lr=0.1", "--config.train.steps", "5"]
+    )
+    assert args.workdir == "/tmp/x"
+    assert overrides == ["optim.lr=0.1", "train.steps=5"]
