@@ -104,42 +104,66 @@ def _sqrt(x: Array, gradient: GradientMode) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def _minor(m: Array, row: int, col: int) -> Array:
-    n = m.shape[-1]
-    rows = [r for r in range(n) if r != row]
-    cols = [c for c in range(n) if c != col]
-    return m[..., rows, :][..., :, cols]
+def _minor_det(entries, rows: tuple[int, ...], cols: tuple[int, ...], memo: dict) -> Array:
+    """Determinant of the submatrix ``rows x cols`` by Laplace expansion along its first row.
+
+    ``entries[r][c]`` are the matrix entries as separate arrays, so the expansion is a graph of
+    elementwise ops (no gathers); ``memo`` shares every sub-minor between all the cofactors that
+    need it, so the whole adjugate of an n x n matrix costs O(n 2^(2n)) ops instead of O(n!).
+    """
+    key = (rows, cols)
+    if key in memo:
+        return memo[key]
+    if len(rows) == 1:
+        out = entries[rows[0]][cols[0]]
+    elif len(rows) == 2:
+        (r0, r1), (c0, c1) = rows, cols
+        out = entries[r0][c0] * entries[r1][c1] - entries[r0][c1] * entries[r1][c0]
+    else:
+        out = None
+        for j, c in enumerate(cols):
+            term = entries[rows[0]][c] * _minor_det(
+                entries, rows[1:], cols[:j] + cols[j + 1 :], memo
+            )
+            out = term if out is None else (out - term if j % 2 else out + term)
+    memo[key] = out
+    return out
 
 
-def _det_poly(m: Float[Array, "*batch n n"]) -> Float[Array, "*batch"]:
-    """Determinant as a polynomial in the entries (Laplace expansion; small n only).
+def _det_and_adjugate(m: Float[Array, "*batch n n"]) -> tuple[Array, Array]:
+    """``det(M)`` and ``adj(M)`` (``adj(M) M = det(M) I``) as polynomials in the entries.
 
-    Unlike LU, it is exact at singular matrices and its gradient is the cofactor matrix.
+    Cofactor (Laplace) expansion with shared minors; small n only. Unlike LU it is exact at
+    singular matrices, and the gradient of the determinant is the cofactor matrix.
     """
     n = m.shape[-1]
+    entries = [[m[..., r, c] for c in range(n)] for r in range(n)]
+    memo: dict = {}
+    full = tuple(range(n))
+    det = _minor_det(entries, full, full, memo)
     if n == 1:
-        return m[..., 0, 0]
-    if n == 2:
-        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
-    if n == 3:
-        return (
-            m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
-            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
-            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0])
-        )
-    return sum((-1) ** c * m[..., 0, c] * _det_poly(_minor(m, 0, c)) for c in range(n))
-
-
-def _adjugate(m: Float[Array, "*batch n n"]) -> Float[Array, "*batch n n"]:
-    """Adjugate ``adj(M)`` with ``adj(M) M = det(M) I``, from cofactors (exact when singular)."""
-    n = m.shape[-1]
-    if n == 1:
-        return jnp.ones_like(m)
+        return det, jnp.ones_like(m)
     rows = []
     for i in range(n):
         # adj[i, j] = (-1)^(i+j) * minor_{j, i}
-        rows.append(jnp.stack([(-1) ** (i + j) * _det_poly(_minor(m, j, i)) for j in range(n)], -1))
-    return jnp.stack(rows, -2)
+        row = []
+        for j in range(n):
+            minor = _minor_det(entries, full[:j] + full[j + 1 :], full[:i] + full[i + 1 :], memo)
+            row.append(-minor if (i + j) % 2 else minor)
+        rows.append(jnp.stack(row, -1))
+    return det, jnp.stack(rows, -2)
+
+
+def _det_poly(m: Float[Array, "*batch n n"]) -> Float[Array, "*batch"]:
+    """Determinant as a polynomial in the entries (see :func:`_det_and_adjugate`)."""
+    n = m.shape[-1]
+    full = tuple(range(n))
+    return _minor_det([[m[..., r, c] for c in range(n)] for r in range(n)], full, full, {})
+
+
+def _adjugate(m: Float[Array, "*batch n n"]) -> Float[Array, "*batch n n"]:
+    """Adjugate ``adj(M)`` from cofactors (exact when singular)."""
+    return _det_and_adjugate(m)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +257,8 @@ def gram_volume(
         [jnp.stack([_dot(others[r], others[c]) for c in range(n)], -1) for r in range(n)], -2
     )
     u = [_dot(anchor, o) for o in others]
-    det = _schur_det(_dot(anchor, anchor), _det_poly(m), _adjugate(m), u)
+    det_m, adj = _det_and_adjugate(m)
+    det = _schur_det(_dot(anchor, anchor), det_m, adj, u)
     return det if squared else _sqrt(det, gradient)
 
 
@@ -269,7 +294,8 @@ def candidate_gram(
     m = jnp.stack(
         [jnp.stack([_dot(others[r], others[c]) for c in range(n)], -1) for r in range(n)], -2
     )
-    return m, _adjugate(m), _det_poly(m)
+    det_m, adj = _det_and_adjugate(m)
+    return m, adj, det_m
 
 
 def _gemm(x: Array, y: Array) -> Array:
