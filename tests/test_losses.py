@@ -223,12 +223,7 @@ def test_authors_sqrt_poisons_the_batch():
     assert np.isfinite(float(loss))
     assert np.isnan(np.asarray(grads[0])).all(axis=1).all(), "every anchor row is poisoned"
     assert np.isnan(np.asarray(grads[1][0])).all() and np.isnan(np.asarray(grads[2][0])).all()
-    with jax.disable_jit():
-        loss_safe, grads_safe = jax.value_and_grad(
-            lambda a, v, w: gram_contrastive_loss(a, [v, w], TAU)[0], argnums=(0, 1, 2)
-        )(anchor, *others)
-    assert float(loss_safe) == float(loss)
-    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads_safe)
+    # The same batch in safe mode: test_one_degenerate_item_poisons_nothing_in_safe_mode.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +457,9 @@ def test_temperature_helpers():
     # A learnable log-temperature gets a gradient through the GRAM loss.
     rng = np.random.default_rng(0)
     a, v = unit_rows(rng, 4, 8), unit_rows(rng, 4, 8)
-    g_t = jax.grad(lambda lt: gram_contrastive_loss(a, [v], temperature_from_log(lt))[0])(log_t)
+    g_t = jax.jit(jax.grad(lambda lt: gram_contrastive_loss(a, [v], temperature_from_log(lt))[0]))(
+        log_t
+    )
     assert np.isfinite(float(g_t)) and float(g_t) != 0.0
 
 
@@ -536,5 +533,5 @@ def test_gram_loss_under_jit_vmap_and_grad():
     assert per.shape == (2,)
     np.testing.assert_allclose(per, [float(eager)] * 2, rtol=1e-5)
     # Gradient w.r.t. the temperature as a raw value.
-    g_tau = jax.grad(lambda t: gram_contrastive_loss(anchor, others, t)[0])(TAU)
+    g_tau = jax.jit(jax.grad(lambda t: gram_contrastive_loss(anchor, others, t)[0]))(TAU)
     assert np.isfinite(float(g_tau))

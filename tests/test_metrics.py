@@ -164,22 +164,26 @@ def test_chunked_retrieval_equals_dense(score, direction):
     np.testing.assert_array_equal(np.asarray(top), order)
 
 
-@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
-def test_chunked_retrieval_tie_rules_match_dense(ties):
+def test_chunked_retrieval_tie_rules_match_dense():
     """Duplicated items give exact ties in both directions; both paths must count them alike."""
     rng = np.random.default_rng(1)
     t, v, a = (unit_rows(rng, 21, 8) for _ in range(3))
     for src, dst in ((0, 5), (3, 17), (3, 11)):
         t[dst], v[dst], a[dst] = t[src], v[src], a[src]
     a[9] = a[2]  # a duplicated row of one modality only
+    ranks = {}
+    for ties in ("pessimistic", "optimistic"):
+        for direction in ("anchor_to_rest", "rest_to_anchor"):
+            dense_ranks, _, _ = _dense("volume", direction, (t, v, a), ties)
+            got, _ = chunked_retrieval(
+                t, v, a, direction=direction, chunk_size=4, top_k=3, ties=ties
+            )
+            np.testing.assert_array_equal(np.asarray(got), dense_ranks, err_msg=direction)
+            ranks[ties, direction] = np.asarray(got)
     for direction in ("anchor_to_rest", "rest_to_anchor"):
-        dense_ranks, _, _ = _dense("volume", direction, (t, v, a), ties)
-        ranks, _ = chunked_retrieval(t, v, a, direction=direction, chunk_size=4, top_k=3, ties=ties)
-        np.testing.assert_array_equal(np.asarray(ranks), dense_ranks, err_msg=direction)
-    pess, _ = chunked_retrieval(t, v, a, chunk_size=4)
-    opt, _ = chunked_retrieval(t, v, a, chunk_size=4, ties="optimistic")
-    assert np.all(np.asarray(pess) >= np.asarray(opt))
-    assert np.asarray(pess)[5] > np.asarray(opt)[5]  # item 5 ties with item 0
+        pess, opt = ranks["pessimistic", direction], ranks["optimistic", direction]
+        assert np.all(pess >= opt)
+        assert pess[5] > opt[5]  # item 5 ties with item 0
 
 
 def test_chunked_retrieval_errors():
