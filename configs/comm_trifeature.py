@@ -1,9 +1,10 @@
 """CoMM's controlled Trifeature experiment, CPU scale (research/comm.md 4a and 9).
 
-Two 64x64 image "modalities" (shape x texture x colour), tiny ViT encoders (8x8 patches ->
-64 tokens), one fusion block of width 64 with 8 heads, projector 64 -> 256 -> 128, CoMM loss
-(tau 0.1), AdamW lr 1e-3 wd 1e-4, batch 128, light augmentation (crop 0.3-1 + flip: colour
-jitter would destroy the colour the synergy task needs). Linear probes (balanced accuracy)
+Two 64x64 image "modalities" (shape x texture x colour), tiny ViT encoders (16x16 patches ->
+16 tokens, the 4x4 grid of the CPU plan's CNN), one fusion block of width 64 with 8 heads,
+projector 64 -> 256 -> 128, CoMM loss (tau 0.1), AdamW lr 1e-3 wd 1e-4, batch 128, light
+augmentation (crop 0.3-1 + flip: colour jitter would destroy the colour the synergy task
+needs). Linear probes (balanced accuracy)
 on the pre-projector fused vector for redundancy (``share``: shape), uniqueness
 (``unique1`` / ``unique2``: textures) and synergy (``synergy``, binary, with ROC-AUC).
 
@@ -19,8 +20,8 @@ def get_config():
     c.name = "comm_trifeature"
     c.model.kind = "comm"
     c.model.modalities = {
-        "image1": modality("image", "tiny", patch_size=8),
-        "image2": modality("image", "tiny", patch_size=8),
+        "image1": modality("image", "tiny", patch_size=16),
+        "image2": modality("image", "tiny", patch_size=16),
     }
     c.model.anchor = "image1"
     c.model.fusion_width = 64

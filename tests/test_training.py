@@ -169,6 +169,17 @@ def test_non_finite_step_is_skipped_and_recorded(trainer):
     jax.tree.map(np.testing.assert_array_equal, good, jax.tree.map(np.asarray, state["params"]))
 
 
+def test_dam_term_trains_with_the_matching_head():
+    tr = make(tiny_config(loss__dam_weight=0.1))
+    state = tr.init()
+    assert "matching" in state["params"]
+    state, m = tr.step(state, put(tr, random_batch()))
+    np.testing.assert_allclose(
+        float(m["loss"]), float(m["loss/contrastive"]) + 0.1 * float(m["loss/dam"]), rtol=1e-5
+    )
+    assert 0.0 <= float(m["dam/accuracy"]) <= 1.0 and np.isfinite(float(m["grad_norm"]))
+
+
 def test_fsdp_rules():
     c = tiny_config(
         mesh__fsdp=4,
@@ -232,28 +243,23 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir):
     from gram_jax.training.loop import train
 
     c = _tiny_train_config(tmp_path, data_dir)
-    c.train.steps = 4
     train(c, tmp_path)
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
-    # Corrupt the newest: truncate every array file of its state.
-    for f in (ckpts / "4" / "state").rglob("*"):
-        if f.is_file() and f.suffix not in (".json",) and "metadata" not in f.name:
-            f.write_bytes(b"")
-    for f in (ckpts / "4" / "state").rglob("_METADATA"):
-        f.write_text("{not json")
-    c.train.steps = 6
-    train(c, tmp_path)
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4", "6"]
+    # Corrupt the newest: empty every array file of its state, garble its metadata.
+    for f in (ckpts / "6" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"" if "METADATA" not in f.name else b"{not json")
+    train(c, tmp_path)  # same config: resumes from step 4 and re-trains 5 and 6
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [x["message"] for x in lines if x["kind"] == "event"]
-    assert any("checkpoint step 4 is corrupt" in e for e in events), events
-    assert any("resumed from checkpoint step 2" in e for e in events), events
-    assert (ckpts / "4.corrupt-0").is_dir()  # kept for inspection, not overwritten
-    steps = [x["step"] for x in lines if x["kind"] == "train"]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]
-    first = {x["step"]: x["loss"] for x in lines[:6] if x["kind"] == "train"}
-    resumed = [x for x in lines if x["kind"] == "train"][4:6]
-    assert [x["loss"] for x in resumed] == [first[3], first[4]]
+    assert any("checkpoint step 6 is corrupt" in e for e in events), events
+    assert any("resumed from checkpoint step 4" in e for e in events), events
+    assert (ckpts / "6.corrupt-0").is_dir()  # kept for inspection, not overwritten
+    assert (ckpts / "6").is_dir()  # written again by the resumed run
+    train_rows = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train_rows] == [1, 2, 3, 4, 5, 6, 5, 6]
+    assert [x["loss"] for x in train_rows[6:]] == [x["loss"] for x in train_rows[4:6]]
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, data_dir):

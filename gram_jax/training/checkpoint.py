@@ -20,7 +20,9 @@ import pathlib
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import multihost
 
 __all__ = ["Checkpointer"]
 
@@ -95,7 +97,9 @@ class Checkpointer:
             f"{first[:300]}); moved to {dst.name}, trying the previous one"
         )
         self.manager.close()
-        os.rename(src, dst)
+        if jax.process_index() == 0:  # one host renames; the others wait for it
+            os.rename(src, dst)
+        multihost.sync_global_processes(f"gram_jax_quarantine_{step}")
         self._open()
 
     def close(self) -> None:

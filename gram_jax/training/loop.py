@@ -106,17 +106,38 @@ def make_train_iterator(config, mesh, source):
     )
 
 
+_EVAL_FNS: dict[tuple[int, str], Any] = {}
+
+
+def _eval_fn(trainer: Trainer, kind: str):
+    """Jitted ``(params, rest, batch) -> outputs`` for evaluation, compiled once per trainer
+    (periodic evaluations reuse it). ``kind``: "embed" (retrieval embeddings) or "features"
+    (linear-probe features: CoMM's pre-projector fused vector, else the concatenated
+    embeddings)."""
+    key = (id(trainer), kind)
+    if key not in _EVAL_FNS:
+        task, graphdef = trainer.task, trainer.graphdef
+        mods = list(trainer.config.model.modalities.keys())
+
+        def fn(params, rest, batch):
+            model = nnx.merge(graphdef, params, rest)
+            if kind == "embed":
+                return task.eval_embed(model, batch)
+            if trainer.config.model.kind == "comm":
+                return task.features(model, batch)
+            z = task.eval_embed(model, batch)
+            return jnp.concatenate([z[m] for m in mods], axis=-1)
+
+        if len(_EVAL_FNS) > 8:
+            _EVAL_FNS.clear()
+        _EVAL_FNS[key] = jax.jit(fn, out_shardings=eval_lib.replicated(trainer.mesh))
+    return _EVAL_FNS[key]
+
+
 def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
     """Held-out retrieval (+ linear probes) of the current state (see evaluate.py)."""
-    task = trainer.task
-    graphdef = trainer.graphdef
-    replicated = eval_lib.replicated(trainer.mesh)
     batch_sharding = trainer.batch_sharding
-
-    def embed(params, rest, batch):
-        return task.eval_embed(nnx.merge(graphdef, params, rest), batch)
-
-    embed = jax.jit(embed, out_shardings=replicated)
+    embed = _eval_fn(trainer, "embed")
     source = load_split(config, config.data.eval_split)
     mods = _modalities(config)
     emb, _ = eval_lib.collect(
@@ -133,17 +154,7 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
     out = eval_lib.retrieval_report(emb, anchor, others, tuple(config.eval.scores), fused)
     tasks = tuple(config.eval.probe_tasks)
     if tasks:
-        if config.model.kind == "comm":
-
-            def feat_fn(params, rest, batch):
-                return task.features(nnx.merge(graphdef, params, rest), batch)
-        else:
-
-            def feat_fn(params, rest, batch):
-                z = task.eval_embed(nnx.merge(graphdef, params, rest), batch)
-                return jnp.concatenate([z[m] for m in mods], axis=-1)
-
-        feat = jax.jit(feat_fn, out_shardings=replicated)
+        feat = _eval_fn(trainer, "features")
 
         def features(split, max_examples):
             return eval_lib.collect(
@@ -166,6 +177,19 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
     return out
 
 
+_TRAINERS: dict[tuple, Trainer] = {}
+
+
+def get_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
+    """``make_trainer`` memoised on (config, mesh): a second ``train`` of the same config in one
+    process (a notebook, a restart after a fallback) reuses the compiled step."""
+    key = (config.to_json_best_effort(sort_keys=True), mesh.devices.tobytes(), mesh.axis_names)
+    if key not in _TRAINERS:
+        _TRAINERS.clear()  # keep one: executables hold device memory
+        _TRAINERS[key] = make_trainer(config, mesh, make_task(config, mesh))
+    return _TRAINERS[key]
+
+
 def _fetch(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -180,11 +204,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     mesh = make_mesh(config)
-    task = make_task(config, mesh)
     t0 = time.time()
     source = load_split(config, config.data.train_split)
     data_seconds = time.time() - t0
-    trainer = make_trainer(config, mesh, task)
+    trainer = get_trainer(config, mesh)
     writer = MetricWriter(workdir)
     say = Progress(0, 0, False).write
     n_params = count_params(nnx.eval_shape(lambda: trainer.model(trainer.abstract_state)))
