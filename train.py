@@ -1,6 +1,6 @@
 """Train a GRAM / CoMM model from a config file.
 
-    python train.py                                   # configs/default.py, ./workdirs/default
+    python train.py                                   # configs/default.py, ./runs/default
     python train.py --config configs/comm_synthetic.py --workdir /tmp/comm
     python train.py --config configs/default.py --config.optim.lr=3e-4 --config.train.steps=50
 
@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``(args, overrides)``; overrides are ``"dotted.key=value"`` strings."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (.py)")
-    parser.add_argument("--workdir", default=None, help="default: ./workdirs/<config name>")
+    parser.add_argument("--workdir", default=None, help="default: ./runs/<config name>")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    workdir = args.workdir or str(pathlib.Path("workdirs") / pathlib.Path(args.config).stem)
+    workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
     # Imported after the config is valid: JAX start-up is not paid for a typo.
     from gram_jax.training.loop import NonFiniteError, train
 
