@@ -270,11 +270,14 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir):
     for f in (ckpts / "6" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"" if "METADATA" not in f.name else b"{not json")
+    # And a newer save that was interrupted (Orbax's temporary directory, never finalised).
+    (ckpts / "8.orbax-checkpoint-tmp-1234").mkdir()
     train(c, tmp_path)  # same config: resumes from step 4 and re-trains 5 and 6
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [x["message"] for x in lines if x["kind"] == "event"]
     assert any("checkpoint step 6 is corrupt" in e for e in events), events
     assert any("resumed from checkpoint step 4" in e for e in events), events
+    assert any("partial checkpoint(s)" in e and "8.orbax-checkpoint-tmp" in e for e in events)
     assert (ckpts / "6.corrupt-0").is_dir()  # kept for inspection, not overwritten
     assert (ckpts / "6").is_dir()  # written again by the resumed run
     train_rows = [x for x in lines if x["kind"] == "train"]

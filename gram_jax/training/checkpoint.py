@@ -37,6 +37,8 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self.messages: list[str] = []
+        # Listed before the manager opens the directory (it may clean temporary dirs up).
+        self._leftovers = sorted(p.name for p in self.directory.glob("*.orbax-checkpoint-tmp*"))
         self._open()
 
     def _open(self) -> None:
@@ -69,10 +71,9 @@ class Checkpointer:
     def restore(self, abstract_state: Any, iterator=None) -> tuple[int, Any] | None:
         """``(step, state)`` of the newest restorable checkpoint (``iterator`` is set to its
         position in place), or None when there is none."""
-        leftovers = [p.name for p in self.directory.glob("*.orbax-checkpoint-tmp*")]
-        if leftovers:
+        if self._leftovers:
             self._report(
-                f"ignoring partial checkpoint(s) from an interrupted save: {sorted(leftovers)}"
+                f"ignoring partial checkpoint(s) from an interrupted save: {self._leftovers}"
             )
         for step in sorted(self.manager.all_steps(), reverse=True):
             args = {"state": ocp.args.StandardRestore(abstract_state)}
