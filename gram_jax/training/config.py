@@ -135,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
-    c.eval.scores = SCORES
+    c.eval.scores = SCORES  # () skips retrieval (e.g. probes only)
     c.eval.max_examples = 0  # 0: the whole split
     c.eval.probe_tasks = ()  # label names for linear probes (Trifeature: "share", ...)
     c.eval.probe_train_split = "train"

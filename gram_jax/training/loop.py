@@ -137,21 +137,23 @@ def _eval_fn(trainer: Trainer, kind: str):
 def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
     """Held-out retrieval (+ linear probes) of the current state (see evaluate.py)."""
     batch_sharding = trainer.batch_sharding
-    embed = _eval_fn(trainer, "embed")
-    source = load_split(config, config.data.eval_split)
     mods = _modalities(config)
-    emb, _ = eval_lib.collect(
-        lambda b: embed(state["params"], state["rest"], b),
-        source,
-        batch_size=config.eval.batch_size,
-        sharding=batch_sharding,
-        modalities=mods,
-        max_examples=config.eval.max_examples,
-    )
-    anchor = config.model.anchor
-    others = [m for m in mods if m != anchor]
-    fused = "+".join(others) if config.model.kind == "comm" else None
-    out = eval_lib.retrieval_report(emb, anchor, others, tuple(config.eval.scores), fused)
+    out: dict[str, float] = {}
+    if config.eval.scores:
+        embed = _eval_fn(trainer, "embed")
+        source = load_split(config, config.data.eval_split)
+        emb, _ = eval_lib.collect(
+            lambda b: embed(state["params"], state["rest"], b),
+            source,
+            batch_size=config.eval.batch_size,
+            sharding=batch_sharding,
+            modalities=mods,
+            max_examples=config.eval.max_examples,
+        )
+        anchor = config.model.anchor
+        others = [m for m in mods if m != anchor]
+        fused = "+".join(others) if config.model.kind == "comm" else None
+        out.update(eval_lib.retrieval_report(emb, anchor, others, tuple(config.eval.scores), fused))
     tasks = tuple(config.eval.probe_tasks)
     if tasks:
         feat = _eval_fn(trainer, "features")

@@ -120,8 +120,10 @@ def format_report(metrics: dict[str, float], title: str = "held-out evaluation")
         if parts[0] == "retrieval" and len(parts) == 4:
             rows.setdefault(f"{parts[1]:<22} {parts[2]:<14}", {})[parts[3]] = v
     cols = ("R@1", "R@5", "R@10", "MdR")
-    lines = [title, f"{'direction':<22} {'score':<14}" + "".join(f"{c:>8}" for c in cols)]
-    lines.append("-" * len(lines[-1]))
+    lines = [title]
+    if rows:
+        lines.append(f"{'direction':<22} {'score':<14}" + "".join(f"{c:>8}" for c in cols))
+        lines.append("-" * len(lines[-1]))
     for name in sorted(rows):
         vals = rows[name]
         lines.append(name + "".join(f"{vals.get(c, float('nan')):>8.2f}" for c in cols))
