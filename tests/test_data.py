@@ -18,8 +18,7 @@ tfds.disable_progress_bar()
 SYN = dict(train_size=256, validation_size=64, test_size=128)
 # A reduced Trifeature configuration (1,000 32x32 images) for the builder tests; the
 # default configuration's counts are checked on the index arrays, which need no rendering.
-TRI = dict(render_size=32, base_size=20, texture_scale=4, num_per_combination=1,
-           max_pairs=500)
+TRI = dict(render_size=32, base_size=20, texture_scale=4, num_per_combination=1, max_pairs=500)
 NPZ = "msrvtt884_gram_step0.npz"
 
 
@@ -58,12 +57,14 @@ def _assert_batches_equal(a, b):
 # synthetic_trimodal
 # ---------------------------------------------------------------------------------------
 
+
 def test_synthetic_builder_shapes_and_reload(data_dir, syn_dir):
     assert syn_dir.name == "1.0.0" and (syn_dir / "dataset_info.json").is_file()
     assert "tensorflow" not in sys.modules
     for split, n in (("train", 256), ("validation", 64), ("test", 128)):
-        src = tfds.data_source(f"synthetic_trimodal/{syn_dir.parent.name}", split=split,
-                               data_dir=os.fspath(data_dir))
+        src = tfds.data_source(
+            f"synthetic_trimodal/{syn_dir.parent.name}", split=split, data_dir=os.fspath(data_dir)
+        )
         assert len(src) == n
         rec = src[n - 1]
         assert rec["image"].shape == (32, 32, 3) and rec["image"].dtype == np.uint8
@@ -82,8 +83,7 @@ def test_synthetic_labels_deterministic(syn_test):
     c = synthetic.generate_split(128, seed=1, split="test")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    assert any(not np.array_equal(a[f"factors/{k}"], c[f"factors/{k}"])
-               for k in synthetic.FACTORS)
+    assert any(not np.array_equal(a[f"factors/{k}"], c[f"factors/{k}"]) for k in synthetic.FACTORS)
     # The stored dataset holds exactly these examples.
     for i in (0, 77, 127):
         rec = syn_test[i]
@@ -94,10 +94,12 @@ def test_synthetic_labels_deterministic(syn_test):
 
 
 def _tuples(f):
-    img = np.ravel_multi_index([f[k] for k in synthetic.IMAGE_FACTORS],
-                               [len(v) for v in synthetic.IMAGE_FACTORS.values()])
-    aud = np.ravel_multi_index([f[k] for k in synthetic.AUDIO_FACTORS],
-                               [len(v) for v in synthetic.AUDIO_FACTORS.values()])
+    img = np.ravel_multi_index(
+        [f[k] for k in synthetic.IMAGE_FACTORS], [len(v) for v in synthetic.IMAGE_FACTORS.values()]
+    )
+    aud = np.ravel_multi_index(
+        [f[k] for k in synthetic.AUDIO_FACTORS], [len(v) for v in synthetic.AUDIO_FACTORS.values()]
+    )
     return img, aud
 
 
@@ -149,8 +151,11 @@ def test_synthetic_renders_factors():
     # Pitch moves the spectral peak up the mel axis.
     peak = a["audio"].mean(1).argmax(-1)
     pure = a["factors/timbre"] == 0
-    means = [peak[pure & (a["factors/pitch"] == p)].mean() for p in range(4)
-             if (pure & (a["factors/pitch"] == p)).any()]
+    means = [
+        peak[pure & (a["factors/pitch"] == p)].mean()
+        for p in range(4)
+        if (pure & (a["factors/pitch"] == p)).any()
+    ]
     assert np.all(np.diff(means) > 0)
 
 
@@ -158,21 +163,25 @@ def test_synthetic_renders_factors():
 # trifeature
 # ---------------------------------------------------------------------------------------
 
+
 def test_trifeature_default_counts_match_the_authors():
     f = trifeature.image_factors()
     assert len(f["train"]) == 2400 and len(f["test"]) == 200
-    np.testing.assert_array_equal(np.bincount(f["test"][:, 0]),
-                                  [19, 26, 20, 19, 25, 15, 19, 18, 19, 20])
+    np.testing.assert_array_equal(
+        np.bincount(f["test"][:, 0]), [19, 26, 20, 19, 25, 15, 19, 18, 19, 20]
+    )
     train_triplets = {tuple(x) for x in f["train"]}
     assert not train_triplets & {tuple(x) for x in f["test"]}  # compositional hold-out
     assert len(train_triplets) == 800
     mapping = trifeature.synergy_mapping()
     # solid->cyan, stripes->purple, grid->red, ... (comm.md section 4a)
     np.testing.assert_array_equal(mapping, [5, 6, 0, 7, 3, 2, 4, 9, 1, 8])
-    expected = {("train", False): (576_846, 10_000, 0.1026, 39),
-                ("train", True): (57_636, 10_000, 1.0, 40),
-                ("test", False): (4_094, 4_094, 0.0987, 200),
-                ("test", True): (404, 404, 1.0, 22)}
+    expected = {
+        ("train", False): (576_846, 10_000, 0.1026, 39),
+        ("train", True): (57_636, 10_000, 1.0, 40),
+        ("test", False): (4_094, 4_094, 0.0987, 200),
+        ("test", True): (404, 404, 1.0, 22),
+    }
     for (split, biased), (allowed, used, pos, selfp) in expected.items():
         pairs, n_allowed = trifeature.sample_pairs(f[split], biased=biased)
         labels = trifeature.pair_labels(f[split], pairs, mapping)
@@ -191,9 +200,9 @@ def test_trifeature_builder(data_dir, tri_dir):
     rec = images[17]
     assert rec["image"].shape == (32, 32, 3) and rec["image"].dtype == np.uint8
     assert (rec["factors/shape"], rec["factors/texture"], rec["factors/colour"]) == tuple(
-        f["train"][17])
-    for split, n in (("train", 500), ("train_biased", 500), ("test", 500),
-                     ("test_biased", 404)):
+        f["train"][17]
+    )
+    for split, n in (("train", 500), ("train_biased", 500), ("test", 500), ("test_biased", 404)):
         src = data.load_source("trifeature", split, data_dir, **TRI)
         assert isinstance(src, trifeature.TrifeaturePairSource)
         assert len(src) == n
@@ -202,19 +211,20 @@ def test_trifeature_builder(data_dir, tri_dir):
             p = src[k]
             assert p["image1"].shape == p["image2"].shape == (32, 32, 3)
             assert p["label/share"] == p["label/shape1"] == p["label/shape2"]
-            raw = tfds.data_source(f"trifeature/{tri_dir.parent.name}", split=split,
-                                   data_dir=os.fspath(data_dir))[k]
+            raw = tfds.data_source(
+                f"trifeature/{tri_dir.parent.name}", split=split, data_dir=os.fspath(data_dir)
+            )[k]
             i, j = raw["index1"], raw["index2"]
-            assert tuple(base[i]) == (p["label/shape1"], p["label/texture1"],
-                                      p["label/colour1"])
-            assert tuple(base[j]) == (p["label/shape2"], p["label/texture2"],
-                                      p["label/colour2"])
+            assert tuple(base[i]) == (p["label/shape1"], p["label/texture1"], p["label/colour1"])
+            assert tuple(base[j]) == (p["label/shape2"], p["label/texture2"], p["label/colour2"])
             if split.endswith("biased"):
                 assert p["label/synergy"] == 1
     biased = data.load_source("trifeature", "train_biased", data_dir, **TRI)
     mapping = trifeature.synergy_mapping()
-    assert all(mapping[biased[k]["label/texture1"]] == biased[k]["label/colour2"]
-               for k in range(0, 500, 50))
+    assert all(
+        mapping[biased[k]["label/texture1"]] == biased[k]["label/colour2"]
+        for k in range(0, 500, 50)
+    )
 
 
 def test_trifeature_textures_are_distinct():
@@ -234,12 +244,14 @@ def test_trifeature_textures_are_distinct():
 # embeddings
 # ---------------------------------------------------------------------------------------
 
+
 def test_embeddings_builder_and_memory_source_agree(data_dir, fixtures_dir):
     npz = fixtures_dir / NPZ
     raw = np.load(npz)
     for split in ("train", "test"):
-        disk = data.load_source("embeddings", split, data_dir, npz_path=npz,
-                                test_fraction=0.25, seed=3)
+        disk = data.load_source(
+            "embeddings", split, data_dir, npz_path=npz, test_fraction=0.25, seed=3
+        )
         mem = data.NpzEmbeddingSource(npz, split, test_fraction=0.25, seed=3)
         assert len(disk) == len(mem) == (221 if split == "test" else 663)
         for i in (0, len(mem) - 1):
@@ -259,6 +271,7 @@ def test_embeddings_builder_and_memory_source_agree(data_dir, fixtures_dir):
 # ---------------------------------------------------------------------------------------
 # Grain pipeline
 # ---------------------------------------------------------------------------------------
+
 
 def test_batch_format(syn_test):
     it = data.make_iterator(syn_test, batch_size=16, seed=0, augment="default")
@@ -284,11 +297,13 @@ def test_epochs_shuffle_and_determinism(syn_test):
     assert len(idx) == 256
     e1, e2 = idx[:128], idx[128:]
     assert sorted(e1) == sorted(e2) == list(range(128)) and not np.array_equal(e1, e2)
-    again = np.concatenate([b["index"] for b in data.make_iterator(
-        syn_test, batch_size=32, seed=5, num_epochs=2)])
+    again = np.concatenate(
+        [b["index"] for b in data.make_iterator(syn_test, batch_size=32, seed=5, num_epochs=2)]
+    )
     np.testing.assert_array_equal(idx, again)
-    other = np.concatenate([b["index"] for b in data.make_iterator(
-        syn_test, batch_size=32, seed=6, num_epochs=1)])
+    other = np.concatenate(
+        [b["index"] for b in data.make_iterator(syn_test, batch_size=32, seed=6, num_epochs=1)]
+    )
     assert not np.array_equal(other, e1)
 
 
@@ -352,8 +367,7 @@ def test_batches_on_an_8_device_mesh(syn_test):
 def test_sharding_by_process_is_disjoint_and_complete(syn_test):
     seen = []
     for p in range(2):
-        it = data.make_iterator(syn_test, batch_size=16, seed=1, process_index=p,
-                                process_count=2)
+        it = data.make_iterator(syn_test, batch_size=16, seed=1, process_index=p, process_count=2)
         batches = list(it)
         assert all(b["index"].shape == (8,) for b in batches)
         seen.append(np.concatenate([b["index"] for b in batches]))
@@ -381,7 +395,7 @@ def test_augmentations_are_deterministic_and_label_safe():
     toks = np.array([5, 6, 7, 8, 9, 10, 0, 0], np.int32)
     d = augment.TextAug(dropout=0.5)(toks, rng())
     kept = d[d != 0]
-    assert 1 <= kept.size <= 6 and (d[kept.size:] == 0).all()
+    assert 1 <= kept.size <= 6 and (d[kept.size :] == 0).all()
     assert set(kept) <= set(toks[toks != 0])
     assert list(kept) == sorted(kept)  # order preserved
     all_gone = augment.TextAug(dropout=1.0)(toks, rng())
@@ -394,6 +408,7 @@ def test_augmentations_are_deterministic_and_label_safe():
 # ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
+
 
 class _ListSource(list):
     pass
@@ -439,11 +454,33 @@ def test_bad_inputs_raise_clear_errors(data_dir, syn_test, syn_dir):
 
 
 def test_show_writes_a_png(tmp_path, data_dir, syn_dir, tri_dir):
-    out = show.main(["synthetic_trimodal", "--out", str(tmp_path / "s.png"), "--n", "3",
-                     "--split", "test", "--data-dir", str(data_dir), "--config",
-                     *[f"{k}={v}" for k, v in SYN.items()]])
+    out = show.main(
+        [
+            "synthetic_trimodal",
+            "--out",
+            str(tmp_path / "s.png"),
+            "--n",
+            "3",
+            "--split",
+            "test",
+            "--data-dir",
+            str(data_dir),
+            "--config",
+            *[f"{k}={v}" for k, v in SYN.items()],
+        ]
+    )
     assert out.stat().st_size > 5_000 and out.read_bytes()[:4] == b"\x89PNG"
-    out = show.main(["trifeature", "--out", str(tmp_path / "t.png"), "--n", "2",
-                     "--data-dir", str(data_dir), "--config",
-                     *[f"{k}={v}" for k, v in TRI.items()]])
+    out = show.main(
+        [
+            "trifeature",
+            "--out",
+            str(tmp_path / "t.png"),
+            "--n",
+            "2",
+            "--data-dir",
+            str(data_dir),
+            "--config",
+            *[f"{k}={v}" for k, v in TRI.items()],
+        ]
+    )
     assert out.stat().st_size > 5_000
