@@ -13,11 +13,21 @@ Pure functions (jit / vmap / grad / shard_map safe):
 - losses: :func:`gram_contrastive_loss`, :func:`dam_loss`, :func:`infonce_loss`,
   :func:`siglip_loss`, :func:`comm_loss`, :func:`nt_xent`
 - retrieval: :func:`retrieval_metrics`, :func:`retrieval_scores`, :func:`chunked_retrieval`
+- meshes: :func:`make_mesh`, :func:`data_sharding`, :func:`replicated`,
+  :func:`check_batch_divisible`, :func:`global_loss` (every loss also takes
+  ``axis_name=..., impl="all_gather" | "ring"`` inside a user's own ``jax.shard_map``)
 
 Models (Flax NNX), data (TFDS + Grain) and the trainer live in ``gram_jax.models``,
 ``gram_jax.data`` and ``gram_jax.training``.
 """
 
+from gram_jax.distributed import (
+    check_batch_divisible,
+    data_sharding,
+    global_loss,
+    make_mesh,
+    replicated,
+)
 from gram_jax.losses import (
     comm_loss,
     dam_loss,
@@ -50,18 +60,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "candidate_gram",
+    "check_batch_divisible",
     "chunked_retrieval",
     "comm_loss",
     "dam_loss",
+    "data_sharding",
+    "global_loss",
     "gram_contrastive_loss",
     "gram_volume",
     "infonce_loss",
     "log_temperature_init",
+    "make_mesh",
     "metrics_from_ranks",
     "nt_xent",
     "pairwise_gram_det",
     "pairwise_volume",
     "positive_ranks",
+    "replicated",
     "retrieval_metrics",
     "retrieval_scores",
     "safe_sqrt",

@@ -18,23 +18,6 @@ B = 16
 LR_GROUPS = ("encoders/image/=0", "heads/=0.5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_persistent_cache():
-    """Compile these multi-device steps fresh: on jaxlib 0.10.2 CPU, a step executable with
-    several independent all-gathers, when LOADED from the persistent compilation cache, can
-    run its collectives in different orders on different virtual devices and abort in the
-    rendezvous (reproduced: 'Termination timeout for all gather ... op_id=5' vs op_id=16);
-    freshly compiled executables do not."""
-    from jax._src import compilation_cache
-
-    old = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_enable_compilation_cache", old)
-    compilation_cache.reset_cache()
-
-
 def tiny_config(**over):
     c = base_config()
     c.train.batch_size = B

@@ -19,8 +19,8 @@ def _env(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    # See tests/test_training.py::no_persistent_cache: multi-device CPU step executables
-    # loaded from the persistent cache can deadlock in their collectives on jaxlib 0.10.2.
+    # See tests/conftest.py: multi-device CPU step executables loaded from a persistent
+    # compilation cache can deadlock in their collectives on jaxlib 0.10.2.
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
