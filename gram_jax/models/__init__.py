@@ -4,6 +4,7 @@ Public API:
   EncoderConfig, PRESETS, build_encoder           (config.py, factory.py)
   EncoderOutput, ImageEncoder, VideoEncoder, AudioEncoder, WaveformEncoder, TextEncoder,
   FeatureEncoder                                   (encoders.py)
+  CNNEncoder                                       (cnn.py)
   ProjectionHead, LearnableTemperature, SigLIPScaleBias, l2_normalize   (heads.py)
   GramModel                                        (gram_model.py)
   masked_pairwise_volume                           (masking.py)
@@ -12,6 +13,7 @@ Public API:
   count_params, param_table                        (factory.py)
 """
 
+from gram_jax.models.cnn import CNNEncoder
 from gram_jax.models.comm import CoMMModel, CoMMProjector, FusionTransformer, InputAdapter
 from gram_jax.models.config import PRESETS, EncoderConfig
 from gram_jax.models.encoders import (
@@ -40,6 +42,7 @@ __all__ = [
     "PRESETS",
     "Attention",
     "AudioEncoder",
+    "CNNEncoder",
     "CoMMModel",
     "CoMMProjector",
     "EncoderConfig",

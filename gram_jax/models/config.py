@@ -54,6 +54,8 @@ class EncoderConfig:
         (``conv_channels=None`` means ``(W // 2, W)``).
       * text: ``vocab_size`` (id 0 is padding).
       * features: ``in_features`` (F of the (B, F) input).
+      * cnn (images): ``cnn_kernels`` / ``cnn_strides`` per conv layer and ``cnn_channels``
+        (``None`` means ``(W // 2, W, ..., W)``: the last layer outputs the token width W).
     """
 
     width: int = 64
@@ -77,6 +79,10 @@ class EncoderConfig:
     vocab_size: int = 1024
     # precomputed features
     in_features: int = 64
+    # cnn: conv stack of the CoMM CPU plan (research/comm.md 9); tiny -> 32, 64, 64, 64
+    cnn_channels: tuple[int, ...] | None = None
+    cnn_kernels: tuple[int, ...] = (5, 3, 3, 3)
+    cnn_strides: tuple[int, ...] = (2, 2, 2, 2)
     # numerics
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -90,6 +96,10 @@ class EncoderConfig:
         object.__setattr__(self, "conv_strides", tuple(self.conv_strides))
         if self.conv_channels is not None:
             object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
+        object.__setattr__(self, "cnn_kernels", tuple(self.cnn_kernels))
+        object.__setattr__(self, "cnn_strides", tuple(self.cnn_strides))
+        if self.cnn_channels is not None:
+            object.__setattr__(self, "cnn_channels", tuple(self.cnn_channels))
         if self.width <= 0 or self.depth < 0 or self.num_heads <= 0:
             raise ValueError(
                 f"width, depth, num_heads must be positive (depth may be 0), got "
@@ -110,6 +120,20 @@ class EncoderConfig:
                 "conv_kernels, conv_strides (and conv_channels if given) must have the same "
                 f"length, got {self.conv_kernels}, {self.conv_strides}, {channels}"
             )
+        n = len(self.cnn_kernels)
+        channels = self.cnn_channels
+        if n < 1 or len(self.cnn_strides) != n or (channels is not None and len(channels) != n):
+            raise ValueError(
+                "cnn_kernels, cnn_strides (and cnn_channels if given) must have the same "
+                f"length >= 1, got {self.cnn_kernels}, {self.cnn_strides}, {channels}"
+            )
+        if min(self.cnn_kernels) <= 0 or min(self.cnn_strides) <= 0:
+            raise ValueError("cnn kernel sizes and strides must be positive")
+        if channels is not None and channels[-1] != self.width:
+            raise ValueError(
+                f"the last cnn channel count {channels[-1]} must equal width {self.width} "
+                "(it is the token width)"
+            )
 
     @property
     def mlp_dim(self) -> int:
@@ -123,6 +147,14 @@ class EncoderConfig:
             return tuple(self.conv_channels)
         n = len(self.conv_kernels)
         return tuple(max(self.width // 2 ** (n - 1 - i), 1) for i in range(n))
+
+    @property
+    def cnn_layer_channels(self) -> tuple[int, ...]:
+        """Output channels of the cnn conv layers (default ``(W // 2, W, ..., W)``)."""
+        if self.cnn_channels is not None:
+            return tuple(self.cnn_channels)
+        n = len(self.cnn_kernels)
+        return tuple(max(self.width // 2, 1) if i == 0 and n > 1 else self.width for i in range(n))
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> EncoderConfig:

@@ -8,6 +8,7 @@
     "waveform" -> WaveformEncoder (B, S) float
     "text" -> TextEncoder       (B, L) int ids, 0 = pad
     "features" -> FeatureEncoder (B, F) float
+    "cnn" -> CNNEncoder         (B, H, W, C) float (strided conv stack, research/comm.md 9)
 
 from :class:`EncoderConfig.from_preset(preset, **overrides)`.
 """
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gram_jax.models.cnn import CNNEncoder
 from gram_jax.models.config import EncoderConfig
 from gram_jax.models.encoders import (
     AudioEncoder,
@@ -40,6 +42,7 @@ ENCODERS: dict[str, type[nnx.Module]] = {
     "waveform": WaveformEncoder,
     "text": TextEncoder,
     "features": FeatureEncoder,
+    "cnn": CNNEncoder,
 }
 
 
