@@ -53,6 +53,7 @@ __all__ = [
     "siglip_loss",
     "nt_xent",
     "comm_loss",
+    "cross_self_loss",
     "sample_hard_negatives",
     "dam_loss",
 ]
@@ -552,6 +553,58 @@ def comm_loss(
     loss = jnp.mean(jnp.stack(terms))
     metrics["loss"] = loss
     metrics["temperature"] = jnp.asarray(temperature, jnp.float32)
+    return loss, metrics
+
+
+def cross_self_loss(
+    view1: Sequence[Float[Array, "B d"]],
+    view2: Sequence[Float[Array, "B d"]],
+    temperature: float = 0.1,
+    ssl_scale: float = 1.0,
+) -> tuple[Float[Array, ""], Metrics]:
+    """The "Cross+Self" baseline of CoMM (its ``CrossSelfLoss``): cross-modal + SimCLR terms.
+
+    ``view1[m]`` / ``view2[m]`` are modality m's projected embeddings (B, d) of two augmented
+    views (k >= 2 modalities, rows L2-normalised inside :func:`nt_xent`). With NTX =
+    :func:`nt_xent` (2N-way, intra-view negatives):
+
+        cross = mean_{v in (', '')} mean_{i < j} NTX(z^v_i, z^v_j)
+        self  = mean_m NTX(z'_m, z''_m)
+        L     = cross + ssl_scale * self
+
+    For k = 2 this is the authors' ``NTX(z_1, z_2) + ssl_scale * 1/2 [NTX(z'_1, z''_1) +
+    NTX(z'_2, z''_2)]`` with the cross term averaged over both views (their cross term sees a
+    separate weakly augmented view; here both augmented views serve it).
+    """
+    if len(view1) != len(view2) or len(view1) < 2:
+        raise ValueError(
+            "view1 and view2 must hold the same number (k >= 2) of per-modality embeddings, "
+            f"got {len(view1)} and {len(view2)}"
+        )
+    shapes = {jnp.shape(z) for z in (*view1, *view2)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every embedding must have the same shape (B, d), got {shapes}")
+    k = len(view1)
+    cross, cross_acc = [], []
+    for view in (view1, view2):
+        for i in range(k):
+            for j in range(i + 1, k):
+                loss, acc = nt_xent(view[i], view[j], temperature)
+                cross.append(loss)
+                cross_acc.append(acc)
+    pairs = [nt_xent(a, b, temperature) for a, b in zip(view1, view2, strict=True)]
+    selfs, self_acc = [p[0] for p in pairs], [p[1] for p in pairs]
+    l_cross = jnp.mean(jnp.stack(cross))
+    l_self = jnp.mean(jnp.stack(selfs))
+    loss = l_cross + ssl_scale * l_self
+    metrics = {
+        "loss": loss,
+        "cross_self/loss_cross": l_cross,
+        "cross_self/loss_self": l_self,
+        "cross_self/accuracy_cross": jnp.mean(jnp.stack(cross_acc)),
+        "cross_self/accuracy_self": jnp.mean(jnp.stack(self_acc)),
+        "temperature": jnp.asarray(temperature, jnp.float32),
+    }
     return loss, metrics
 
 

@@ -32,10 +32,10 @@ __all__ = [
     "modality",
 ]
 
-LOSSES = ("gram", "infonce", "siglip", "comm")
+LOSSES = ("gram", "infonce", "siglip", "comm", "cross_self")
 LOSS_IMPLS = ("gspmd", "all_gather", "ring")
 SCHEDULES = ("cosine", "linear", "constant")
-ENCODER_KINDS = ("image", "video", "audio", "waveform", "text", "features")
+ENCODER_KINDS = ("image", "video", "audio", "waveform", "text", "features", "cnn")
 PRESETS = ("tiny", "small", "base", "large")
 SCORES = ("volume", "span_distance", "cosine")
 
@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.gradient = "exact"  # GRAM: "exact" or the authors' "faithful" stop-gradient
     c.loss.pairs = "anchored"  # InfoNCE: "anchored" (anchor vs each) or "all" pairs
     c.loss.dam_weight = 0.0  # GRAM's matching (DAM) term weight; the authors use 0.1
-    c.loss.comm_temperature = 0.1
+    c.loss.comm_temperature = 0.1  # NT-Xent temperature of "comm" and "cross_self"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.probe_tasks = ()  # label names for linear probes (Trifeature: "share", ...)
     c.eval.probe_train_split = "train"
     c.eval.probe_train_examples = 4096
+    # Probe features of a "gram"-kind model: "embeddings" (concatenated unit embeddings) or
+    # "encoders" (concatenated pooled encoder outputs, CoMM's Cross baselines). CoMM: fused.
+    c.eval.probe_features = "embeddings"
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False  # call jax.distributed.initialize() (multi-host)
@@ -320,6 +323,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "mesh.params", ("replicated", "fsdp"))
     _choice(config, "model.dtype", ("float32", "bfloat16"))
     _choice(config, "data.augment", ("none", "default", "light", "simclr"))
+    _choice(config, "eval.probe_features", ("embeddings", "encoders"))
     mods = config.model.modalities
     if len(mods) < 2:
         raise ConfigError("config.model.modalities: at least two modalities are needed")
@@ -341,6 +345,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if config.loss.name == "comm":
             raise ConfigError("config.loss.name: 'comm' needs config.model.kind = 'comm'")
+        if (config.loss.name == "cross_self") != bool(config.data.two_views):
+            raise ConfigError(
+                "config.data.two_views: a 'gram'-kind model takes two augmented views only "
+                "with the 'cross_self' loss (which needs them)"
+            )
     else:
         if config.loss.name != "comm":
             raise ConfigError(

@@ -79,8 +79,12 @@ def _data_dir(config):
     return config.data.data_dir or None
 
 
+# Encoder kinds whose inputs the data pipeline knows under another kind (a CNN reads images).
+_DATA_KINDS = {"cnn": "image"}
+
+
 def _modalities(config) -> dict[str, str]:
-    return {name: m.kind for name, m in config.model.modalities.items()}
+    return {name: _DATA_KINDS.get(m.kind, m.kind) for name, m in config.model.modalities.items()}
 
 
 def load_split(config, split: str):
@@ -113,7 +117,7 @@ def _eval_fn(trainer: Trainer, kind: str):
     """Jitted ``(params, rest, batch) -> outputs`` for evaluation, compiled once per trainer
     (periodic evaluations reuse it). ``kind``: "embed" (retrieval embeddings) or "features"
     (linear-probe features: CoMM's pre-projector fused vector, else the concatenated
-    embeddings)."""
+    embeddings or, with ``eval.probe_features="encoders"``, pooled encoder outputs)."""
     key = (id(trainer), kind)
     if key not in _EVAL_FNS:
         task, graphdef = trainer.task, trainer.graphdef
@@ -124,6 +128,8 @@ def _eval_fn(trainer: Trainer, kind: str):
             if kind == "embed":
                 return task.eval_embed(model, batch)
             if trainer.config.model.kind == "comm":
+                return task.features(model, batch)
+            if trainer.config.eval.probe_features == "encoders":
                 return task.features(model, batch)
             z = task.eval_embed(model, batch)
             return jnp.concatenate([z[m] for m in mods], axis=-1)

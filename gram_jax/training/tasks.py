@@ -48,7 +48,7 @@ from gram_jax.models import (
 from gram_jax.training.config import ConfigError
 from gram_jax.training.sharding import DATA_AXES
 
-__all__ = ["Task", "GramTask", "CoMMTask", "build_model", "make_task"]
+__all__ = ["Task", "GramTask", "CrossSelfTask", "CoMMTask", "build_model", "make_task"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -241,6 +241,37 @@ class GramTask(Task):
         """``{modality: (B, D)}`` unit embeddings for retrieval."""
         return model(self.model_inputs(batch))["embeddings"]
 
+    def features(self, model: GramModel, batch: dict) -> jax.Array:
+        """Concatenated pooled encoder outputs (B, sum_m W_m), in modality order: the probe
+        features of CoMM's Cross / Cross+Self baselines (``eval.probe_features="encoders"``)."""
+        enc = model(self.model_inputs(batch))["encoder_outputs"]
+        return jnp.concatenate([enc[m].pooled.astype(jnp.float32) for m in model.modalities], -1)
+
+
+@dataclasses.dataclass
+class CrossSelfTask(GramTask):
+    """GramModel towers on two augmented views with :func:`gram_jax.losses.cross_self_loss`
+    (temperature ``loss.comm_temperature``; single device / GSPMD only)."""
+
+    def __post_init__(self):
+        if self.config.loss.impl != "gspmd":
+            raise ConfigError("config.loss.impl: 'cross_self' supports only 'gspmd'")
+        if self.config.loss.dam_weight > 0:
+            raise ConfigError("config.loss.dam_weight: the DAM term needs the 'gram' loss")
+
+    def embed(self, model: GramModel, batch: dict) -> Any:
+        z1 = model(self.model_inputs(batch["view1"]))["embeddings"]
+        z2 = model(self.model_inputs(batch["view2"]))["embeddings"]
+        return {"z1": z1, "z2": z2}
+
+    def loss(self, model: GramModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
+        mods = model.modalities
+        return losses.cross_self_loss(
+            [emb["z1"][m] for m in mods],
+            [emb["z2"][m] for m in mods],
+            self.config.loss.comm_temperature,
+        )
+
 
 @dataclasses.dataclass
 class CoMMTask(Task):
@@ -304,4 +335,6 @@ def make_task(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Ta
     """The task of a config (``model.kind``)."""
     if config.model.kind == "comm":
         return CoMMTask(config, mesh)
+    if config.loss.name == "cross_self":
+        return CrossSelfTask(config, mesh)
     return GramTask(config, mesh)

@@ -1,0 +1,30 @@
+"""CoMM's "Cross+Self" baseline on Trifeature (research/comm.md 6).
+
+Two unimodal towers (the CPU plan's CNN + linear head to 128-d) on two augmented views of each
+pair; loss :func:`gram_jax.losses.cross_self_loss` = cross-modal NT-Xent + SimCLR NT-Xent per
+modality between the views (tau 0.1, ssl_scale 1). Data, optimiser, batch and probes as
+``configs/comm_trifeature.py``; probe features are the concatenated pooled encoder outputs.
+"""
+
+import importlib.util
+import pathlib
+
+
+def _comm_config():
+    path = pathlib.Path(__file__).with_name("comm_trifeature.py")
+    spec = importlib.util.spec_from_file_location("_comm_trifeature", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _comm_config()
+    c.name = "cross_self_trifeature"
+    c.model.kind = "gram"
+    c.model.embed_dim = 128
+    c.data.two_views = True
+    c.loss.name = "cross_self"
+    c.loss.comm_temperature = 0.1
+    c.eval.probe_features = "encoders"
+    return c

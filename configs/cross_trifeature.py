@@ -1,0 +1,34 @@
+"""CoMM's "Cross" baseline on Trifeature: CLIP-style InfoNCE between the two unimodal towers.
+
+Same data, encoders (the CPU plan's CNN), optimiser, batch and probes as
+``configs/comm_trifeature.py``; the model is two towers with linear heads to a shared
+128-d space and the loss is the symmetric CLIP InfoNCE with a learnable temperature (init
+0.07, no label smoothing), as the authors' ``CLIPLoss`` (research/comm.md 6). One augmented
+view per pair. Probe features: the concatenated pooled encoder outputs (the authors' Cross
+features are concat(e_1, e_2)).
+"""
+
+import importlib.util
+import pathlib
+
+
+def _comm_config():
+    path = pathlib.Path(__file__).with_name("comm_trifeature.py")
+    spec = importlib.util.spec_from_file_location("_comm_trifeature", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _comm_config()
+    c.name = "cross_trifeature"
+    c.model.kind = "gram"
+    c.model.embed_dim = 128
+    c.model.temperature_init = 0.07
+    c.model.learn_temperature = True
+    c.data.two_views = False
+    c.loss.name = "infonce"
+    c.loss.label_smoothing = 0.0
+    c.eval.probe_features = "encoders"
+    return c
