@@ -2,13 +2,15 @@
 
 * ``prepare(name, data_dir, **config)`` / ``load_source(name, split, data_dir, **config)``
   for ``synthetic_trimodal`` (default), ``trifeature`` and ``embeddings`` (see
-  ``gram_jax.data.registry`` and each dataset's module).
+  ``gram_jax.data.registry`` and each dataset's module); ``register_dataset`` adds your own
+  builder (a ``LocalBuilder`` subclass) under a name the trainer's ``data.name`` accepts.
 * ``make_iterator(source, batch_size=..., ...)``: checkpointable Grain iterator of
   (optionally mesh-sharded) batches; batch format in ``gram_jax.data.pipeline``.
 * ``NpzEmbeddingSource``: in-memory source of an embeddings ``.npz``.
 * ``python -m gram_jax.data.show <dataset>`` draws a PNG grid of examples.
 """
 
+from gram_jax.data._tfds import LocalBuilder
 from gram_jax.data.augment import (
     AudioAug,
     Augment,
@@ -25,6 +27,7 @@ from gram_jax.data.registry import (
     default_data_dir,
     load_source,
     prepare,
+    register_dataset,
     splits,
 )
 from gram_jax.data.synthetic import decode_caption, encode_caption, vocabulary
@@ -36,6 +39,7 @@ __all__ = [
     "Augment",
     "FeatureAug",
     "ImageAug",
+    "LocalBuilder",
     "NpzEmbeddingSource",
     "TextAug",
     "TrifeaturePairSource",
@@ -49,6 +53,7 @@ __all__ = [
     "make_dataset",
     "make_iterator",
     "prepare",
+    "register_dataset",
     "splits",
     "steps_per_epoch",
     "vocabulary",

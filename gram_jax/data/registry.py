@@ -32,7 +32,29 @@ DATASETS = {
     "trifeature": (trifeature.Trifeature, trifeature.TrifeatureConfig),
     "embeddings": (embeddings.Embeddings, embeddings.EmbeddingsConfig),
 }
+_BUILTIN = frozenset(DATASETS)
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+
+
+def register_dataset(name: str, builder_cls: type, config_cls: type) -> None:
+    """Make a user's own TFDS builder available as ``config.data.name = name``.
+
+    ``builder_cls`` subclasses :class:`gram_jax.data.LocalBuilder` (a
+    ``tfds.core.GeneratorBasedBuilder``) and yields records ``{<modality>: array, ...,
+    "index": int}`` in the formats of ``gram_jax.data.pipeline`` (image ``(H, W, 3) uint8``,
+    audio ``(T, n_mels) float32``, text ``(L,) int32`` ids with 0 as padding, features
+    ``(D,) float32``); ``config_cls`` is its ``tfds.core.BuilderConfig`` dataclass, whose
+    fields are what ``config.data.builder`` may set. Call it at the top of your config file
+    so ``train.py --config my_config.py`` knows the dataset. Re-registering a name replaces
+    it; the built-in names cannot be replaced.
+    """
+    if name in _BUILTIN and DATASETS.get(name) != (builder_cls, config_cls):
+        raise ValueError(f"{name!r} is a built-in dataset; register yours under another name")
+    if not (isinstance(builder_cls, type) and issubclass(builder_cls, tfds.core.DatasetBuilder)):
+        raise TypeError(f"builder_cls must be a TFDS DatasetBuilder class, got {builder_cls!r}")
+    if not (isinstance(config_cls, type) and issubclass(config_cls, tfds.core.BuilderConfig)):
+        raise TypeError(f"config_cls must be a tfds.core.BuilderConfig class, got {config_cls!r}")
+    DATASETS[name] = (builder_cls, config_cls)
 
 
 def default_data_dir() -> pathlib.Path:
@@ -59,7 +81,8 @@ def make_config(name: str, **config) -> tfds.core.BuilderConfig:
     if "npz_path" in config:
         config["npz_path"] = os.fspath(config["npz_path"])
     cfg = config_cls(name="default", **config)
-    cfg.validate()
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     if hasattr(cfg, "identity"):
         ident = cfg.identity()
     else:
