@@ -28,3 +28,25 @@ def test_readme_python_example_runs():
     exec(compile(blocks[0], str(README), "exec"), namespace)
     assert namespace["vol"].shape == (256, 256)
     assert float(namespace["loss"]) > 0 and namespace["grads"].shape == (256, 512)
+
+
+def test_readme_shard_map_example_equals_the_single_device_loss():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    exec(compile(blocks[1], str(README), "exec"), namespace)
+    t, v, a = namespace["text"], namespace["video"], namespace["audio"]
+    sharded = float(namespace["global_loss"](t, v, a))
+    single = float(gram_jax.gram_contrastive_loss(t, [v, a], 0.07)[0])
+    assert abs(sharded - single) <= 1e-5 * abs(single)
+
+
+def test_readme_own_builder_example_defines_a_registrable_dataset():
+    from gram_jax.data import DATASETS
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                 if "register_dataset" in b)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    config = namespace["get_config"]()
+    assert config.data.name == "my_data" and "my_data" in DATASETS
