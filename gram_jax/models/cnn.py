@@ -9,6 +9,8 @@ and PyTorch-style symmetric padding ``k_i // 2``:
 
     h_i = ReLU(Conv_{k_i, s_i}(h_{i-1})),     H_i = floor((H_{i-1} + 2 (k_i // 2) - k_i) / s_i) + 1
 
+(``H_i >= 1`` for any input size, since the padding covers the kernel).
+
     tokens = h_n reshaped (B, H_n W_n, W) row-major,   pooled = mean over the tokens (B, W)
 
 Channels default to ``(W // 2, W, ..., W)`` (``EncoderConfig.cnn_layer_channels``), so the
@@ -86,8 +88,6 @@ class CNNEncoder(nnx.Module):
                 f"CNNEncoder expects {self.cfg.in_channels} channels (last axis), got shape "
                 f"{x.shape}"
             )
-        if min(self.output_grid(*x.shape[1:3])) < 1:
-            raise ValueError(f"CNNEncoder: input {x.shape[1:3]} is too small for the conv stack")
         h = x.astype(self.cfg.dtype)
         for conv in self.convs:
             h = jax.nn.relu(conv(h))
