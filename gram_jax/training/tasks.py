@@ -307,10 +307,19 @@ class CoMMTask(Task):
         return loss, dict(metrics)
 
     def eval_embed(self, model: CoMMModel, batch: dict) -> dict[str, jax.Array]:
-        """Unit embeddings in CoMM's projected space for retrieval (running BN statistics).
+        """Unit embeddings in CoMM's projected space for retrieval.
 
         Each modality alone (its single-modality mask pattern), plus ``"<a>+<b>..."``: the
         fused embedding of every modality except the anchor (a candidate for the anchor).
+
+        The projector's BatchNorm normalises each pattern with that pattern's statistics over
+        the evaluation batch, as in training (one projector call per pattern). Its running
+        averages are not used: they mix the 2 (k + 1) calls of every training step (single
+        modalities and all), whose means differ, so one pattern normalised with them keeps a
+        pattern-wide offset that dominates every cosine (held-out retrieval fell to chance on
+        synthetic_trimodal). The embeddings therefore depend on the evaluation batch: keep
+        ``eval.batch_size`` large (the padded last batch repeats its last row). The model's
+        running averages are left unchanged.
         """
         mods = list(model.modalities)
         anchor = self.config.model.anchor
@@ -318,8 +327,9 @@ class CoMMTask(Task):
         patterns = [[i == j for j in range(k)] for i in range(k)]
         rest = [m for m in mods if m != anchor]
         patterns.append([m != anchor for m in mods])
+        model = nnx.clone(model)  # batch-statistics calls update the BN averages of a copy
         out = model(
-            self.model_inputs(batch), patterns=jnp.asarray(patterns), use_running_average=True
+            self.model_inputs(batch), patterns=jnp.asarray(patterns), use_running_average=False
         )
         z = l2_normalize(out["embeddings"])
         emb = {m: z[i] for i, m in enumerate(mods)}
