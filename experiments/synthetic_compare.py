@@ -15,12 +15,13 @@ Reductions: the configs train 600 steps; on the 2 shared CPU cores of the run th
 ~1.5-2.5), so 3 seeds x 3 methods x 600 steps did not fit the time budget. The default is
 therefore ``--steps 300`` for ALL methods (warm-up scaled with it: 50 * steps / 600 = 25),
 seeds 0 1 2. (At 150 steps GRAM and InfoNCE were still on their initial ln(batch) loss
-plateau, which they leave around step 100-125, and scored near chance.) Full size:
+plateau, which they leave around step 100-125, and scored near chance.) Measured: ~43 min
+for the default (GRAM / InfoNCE ~2 min per run, CoMM ~10 min). Full size:
 
     python experiments/synthetic_compare.py --steps 600 --seeds 0 1 2
 
 Results are rewritten after every run (seed-major order), so an interrupted run leaves the
-seeds it finished.
+seeds it finished; ``--resume`` skips them.
 """
 
 from __future__ import annotations
@@ -156,6 +157,23 @@ def markdown(results: dict) -> str:
         last = np.mean([r["training_curve"]["last"]["loss"] for r in rs.values()])
         wall = np.mean([r["wall_seconds"] for r in rs.values()])
         lines.append(f"| {LABELS[method]} | {first:.3f} -> {last:.3f} | {wall:.0f} |")
+    lines += [
+        "",
+        "CoMM's embeddings are read with each mask pattern normalised by its own BatchNorm "
+        "statistics over the evaluation batch (eval.batch_size 256), as in training "
+        "(gram_jax.training.tasks.CoMMTask.eval_embed); with the projector's running averages, "
+        "which mix all patterns, every CoMM score was at chance. (Batch statistics of 256 "
+        "held-out items are a mild transductive help GRAM and InfoNCE do not get.) Wide "
+        "spreads of GRAM and InfoNCE come from when each seed leaves the initial loss "
+        "plateau (InfoNCE seed 0 barely had). At 150 steps (a trial run) "
+        "GRAM and InfoNCE were still on their initial ln(128) = 4.85 loss plateau, which they "
+        "leave around step 100-125, so the step reduction costs them more than CoMM.",
+    ]
+    lines.append(f"\nTotal wall clock: {results['wall_seconds_total']:.0f} s.")
+    for method, rs in results["runs"].items():
+        for seed, r in rs.items():
+            if "note" in r:
+                lines.append(f"\n{LABELS[method]} seed {seed}: {r['note']}.")
     return "\n".join(lines)
 
 
@@ -173,15 +191,31 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs of an earlier synthetic_compare.json with the same --steps",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     t_start = time.time()
     runs: dict[str, dict[str, dict]] = {m: {} for m in args.methods}
+    previous = args.out / "synthetic_compare.json"
+    if args.resume and previous.is_file():
+        old = json.loads(previous.read_text())
+        if old["steps"] == args.steps:
+            for m in args.methods:
+                runs[m].update(
+                    {s: r for s, r in old["runs"].get(m, {}).items() if int(s) in args.seeds}
+                )
+            t_start -= old.get("wall_seconds_total", 0.0)
     workroot = pathlib.Path(tempfile.mkdtemp(prefix="synthetic_compare_"))
     table = ""
     try:
         for seed in args.seeds:
             for method in args.methods:
+                if str(seed) in runs[method]:
+                    continue
                 runs[method][str(seed)] = run(method, seed, args.steps, workroot)
                 done = {m: r for m, r in runs.items() if r}
                 any_run = next(iter(next(iter(done.values())).values()))
