@@ -346,6 +346,11 @@ def infonce_loss(
         pos.append(jnp.mean(jnp.diagonal(sim)))
         neg.append(_offdiag_mean(sim))
         acc.append(_row_accuracy(sim))
+    return _pairs_result(temperature, losses, pos, neg, acc)
+
+
+def _pairs_result(temperature, losses, pos, neg, acc) -> tuple[Array, dict[str, Array]]:
+    """Mean loss over the modality pairs and the metrics averaged alike."""
     loss = jnp.mean(jnp.stack(losses))
     metrics = {
         "loss": loss,
@@ -374,15 +379,7 @@ def _infonce_streamed(mods, index_pairs, temperature, label_smoothing, axis_name
         pos.append(tau * g.mean(stats["pos"]))  # cosine = logit * tau
         neg.append(tau * g.offdiag_mean(stats))
         acc.append(g.accuracy(row))
-    loss = jnp.mean(jnp.stack(losses))
-    metrics = {
-        "loss": loss,
-        "temperature": jnp.asarray(temperature, jnp.float32),
-        "cosine/positive": jnp.mean(jnp.stack(pos)),
-        "cosine/negative": jnp.mean(jnp.stack(neg)),
-        "accuracy/anchor_to_rest": jnp.mean(jnp.stack(acc)),
-    }
-    return loss, metrics
+    return _pairs_result(temperature, losses, pos, neg, acc)
 
 
 def _siglip_pointwise(z: Array, is_positive: Array) -> Array:
