@@ -1,9 +1,10 @@
 """CoMM's "Cross+Self" baseline on Trifeature (research/comm.md 6).
 
-Two unimodal towers (the CPU plan's CNN + linear head to 128-d) on two augmented views of each
-pair; loss :func:`gram_jax.losses.cross_self_loss` = cross-modal NT-Xent + SimCLR NT-Xent per
-modality between the views (tau 0.1, ssl_scale 1). Data, optimiser, batch and probes as
-``configs/comm_trifeature.py``; probe features are the concatenated pooled encoder outputs.
+Two unimodal towers (comm_trifeature's encoders + linear heads to 128-d) on two augmented
+views of each pair; loss :func:`gram_jax.losses.cross_self_loss` = cross-modal NT-Xent +
+SimCLR NT-Xent per modality between the views (tau 0.1, ssl_scale 1). Data, optimiser,
+batch and probes as ``configs/comm_trifeature.py``; probe features are the concatenated
+pooled encoder outputs.
 """
 
 import importlib.util

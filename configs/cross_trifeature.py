@@ -1,6 +1,6 @@
 """CoMM's "Cross" baseline on Trifeature: CLIP-style InfoNCE between the two unimodal towers.
 
-Same data, encoders (the CPU plan's CNN), optimiser, batch and probes as
+Same data, encoders, optimiser, batch and probes as
 ``configs/comm_trifeature.py``; the model is two towers with linear heads to a shared
 128-d space and the loss is the symmetric CLIP InfoNCE with a learnable temperature (init
 0.07, no label smoothing), as the authors' ``CLIPLoss`` (research/comm.md 6). One augmented

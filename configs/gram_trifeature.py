@@ -1,6 +1,6 @@
 """GRAM's volume loss on Trifeature (k = 2: the volume is sin of the angle between the two).
 
-Two unimodal towers (the CPU plan's CNN + linear head to 128-d), GRAM contrastive loss
+Two unimodal towers (comm_trifeature's encoders + linear heads to 128-d), GRAM contrastive loss
 (learnable temperature init 0.07, label smoothing 0.1, as the authors), one augmented view per
 pair. Data, optimiser, batch and probes as ``configs/comm_trifeature.py``; probe features are
 the concatenated pooled encoder outputs (as the Cross baselines).

@@ -41,22 +41,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 CONFIGS = ROOT / "configs"
 
+# The CPU plan's CNN for both images (research/comm.md 9), whatever the configs' default.
+CNN = ("model.modalities.image1.kind=cnn", "model.modalities.image2.kind=cnn")
+# The tiny ViT with 16x16 patches: the same 4x4 token grid at 64x64.
+VIT = (
+    "model.modalities.image1.kind=image",
+    "model.modalities.image2.kind=image",
+    "model.modalities.image1.overrides.patch_size=16",
+    "model.modalities.image2.overrides.patch_size=16",
+)
 # method -> (config file, extra overrides)
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "comm": ("comm_trifeature.py", ()),
-    "cross": ("cross_trifeature.py", ()),
-    "cross_self": ("cross_self_trifeature.py", ()),
-    "gram": ("gram_trifeature.py", ()),
-    # CoMM with the tiny ViT (16x16 patches -> the same 4x4 token grid) instead of the CNN.
-    "comm_vit": (
-        "comm_trifeature.py",
-        (
-            "model.modalities.image1.kind=image",
-            "model.modalities.image2.kind=image",
-            "model.modalities.image1.overrides.patch_size=16",
-            "model.modalities.image2.overrides.patch_size=16",
-        ),
-    ),
+    "comm": ("comm_trifeature.py", CNN),
+    "cross": ("cross_trifeature.py", CNN),
+    "cross_self": ("cross_self_trifeature.py", CNN),
+    "gram": ("gram_trifeature.py", CNN),
+    "comm_vit": ("comm_trifeature.py", VIT),
 }
 LABELS = {
     "comm": "CoMM",
