@@ -11,7 +11,7 @@ Pure functions (jit / vmap / grad / shard_map safe):
 - volumes: :func:`gram_volume`, :func:`pairwise_volume`, :func:`pairwise_gram_det`,
   :func:`span_distance`, :func:`safe_sqrt`
 - losses: :func:`gram_contrastive_loss`, :func:`dam_loss`, :func:`infonce_loss`,
-  :func:`siglip_loss`, :func:`comm_loss`, :func:`nt_xent`
+  :func:`siglip_loss`, :func:`comm_loss`, :func:`cross_self_loss`, :func:`nt_xent`
 - retrieval: :func:`retrieval_metrics`, :func:`retrieval_scores`, :func:`chunked_retrieval`
 - meshes: :func:`make_mesh`, :func:`data_sharding`, :func:`replicated`,
   :func:`check_batch_divisible`, :func:`global_loss` (every loss also takes
@@ -30,6 +30,7 @@ from gram_jax.distributed import (
 )
 from gram_jax.losses import (
     comm_loss,
+    cross_self_loss,
     dam_loss,
     gram_contrastive_loss,
     infonce_loss,
@@ -63,6 +64,7 @@ __all__ = [
     "check_batch_divisible",
     "chunked_retrieval",
     "comm_loss",
+    "cross_self_loss",
     "dam_loss",
     "data_sharding",
     "global_loss",
