@@ -23,6 +23,7 @@ batch axes with ``axis_name=("data", "fsdp")`` and the implementation keyword of
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import inspect
@@ -150,17 +151,19 @@ def _sharded(fn: Callable, mesh: Mesh, impl: str) -> Callable:
 
 
 @dataclasses.dataclass
-class Task:
+class Task(abc.ABC):
     """Base: see the module docstring."""
 
     config: ml_collections.ConfigDict
     mesh: Mesh | None = None
 
+    @abc.abstractmethod
     def embed(self, model: nnx.Module, batch: dict) -> Any:
-        raise NotImplementedError
+        """The model's outputs for ``batch`` that :meth:`loss` consumes."""
 
+    @abc.abstractmethod
     def loss(self, model: nnx.Module, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
-        raise NotImplementedError
+        """``(scalar loss, metrics)`` of the embeddings of one (micro)batch."""
 
     def model_inputs(self, batch: dict) -> dict:
         """The batch entries the model reads (modalities and their ``<m>_mask``)."""
