@@ -44,8 +44,11 @@ def test_readme_shard_map_example_equals_the_single_device_loss():
 def test_readme_own_builder_example_defines_a_registrable_dataset():
     from gram_jax.data import DATASETS
 
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-                 if "register_dataset" in b)
+    block = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+        if "register_dataset" in b
+    )
     namespace: dict = {}
     exec(compile(block, str(README), "exec"), namespace)
     config = namespace["get_config"]()

@@ -42,8 +42,7 @@ class ImageAug:
         if rng.random() < self.flip_p:
             x = x[:, ::-1]
         if rng.random() < self.jitter_p:
-            x = _colour_jitter(x, rng, self.brightness, self.contrast, self.saturation,
-                               self.hue)
+            x = _colour_jitter(x, rng, self.brightness, self.contrast, self.saturation, self.hue)
         if rng.random() < self.grayscale_p:
             x = np.repeat(_gray(x)[..., None], 3, axis=-1)
         return np.clip(x, 0.0, 1.0).astype(np.float32)
@@ -69,12 +68,12 @@ class AudioAug:
             if rng.random() < self.mask_p:
                 wdt = rng.integers(0, self.time_mask_width + 1)
                 lo = rng.integers(0, max(1, t - wdt + 1))
-                x[lo: lo + wdt] = 0.0
+                x[lo : lo + wdt] = 0.0
         for _ in range(self.freq_masks):
             if rng.random() < self.mask_p:
                 wdt = rng.integers(0, self.freq_mask_width + 1)
                 lo = rng.integers(0, max(1, m - wdt + 1))
-                x[:, lo: lo + wdt] = 0.0
+                x[:, lo : lo + wdt] = 0.0
         if self.noise_std:
             x = x + rng.normal(0.0, self.noise_std, x.shape)
         return x.astype(np.float32)
@@ -166,9 +165,12 @@ PRESETS = {
     "none": None,
     "default": Augment(),
     # CoMM section-9 "light": crop 0.3-1 + flip only for images; mild everything else.
-    "light": Augment(image=ImageAug(jitter_p=0.0),
-                     audio=AudioAug(max_shift=2, mask_p=0.0, noise_std=0.05),
-                     text=TextAug(dropout=0.05), features=FeatureAug(drop_p=0.0)),
+    "light": Augment(
+        image=ImageAug(jitter_p=0.0),
+        audio=AudioAug(max_shift=2, mask_p=0.0, noise_std=0.05),
+        text=TextAug(dropout=0.05),
+        features=FeatureAug(drop_p=0.0),
+    ),
     # SimCLR as in the CoMM repository (includes hue jitter and grayscale).
     "simclr": Augment(image=ImageAug(crop_scale=(0.08, 1.0), hue=0.1, grayscale_p=0.2)),
 }
@@ -180,19 +182,28 @@ def resolve(augment) -> Augment | None:
         return augment
     if isinstance(augment, str):
         if augment not in PRESETS:
-            raise ValueError(f"unknown augmentation preset {augment!r}; expected one of "
-                             f"{sorted(PRESETS)}")
+            raise ValueError(
+                f"unknown augmentation preset {augment!r}; expected one of {sorted(PRESETS)}"
+            )
         return PRESETS[augment]
     if isinstance(augment, dict):
-        return Augment(image=None, audio=None, text=None, features=None, waveform=None,
-                       overrides=tuple(augment.items()))
-    raise ValueError(f"augment must be None, a preset name, an Augment or a dict, got "
-                     f"{type(augment).__name__}")
+        return Augment(
+            image=None,
+            audio=None,
+            text=None,
+            features=None,
+            waveform=None,
+            overrides=tuple(augment.items()),
+        )
+    raise ValueError(
+        f"augment must be None, a preset name, an Augment or a dict, got {type(augment).__name__}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Image helpers
 # ---------------------------------------------------------------------------------------
+
 
 def _bilinear(x: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     h, w = x.shape[:2]
@@ -239,8 +250,9 @@ def _colour_jitter(x, rng, brightness, contrast, saturation, hue):
     if hue:
         # Hue shift as a rotation of the chroma plane in YIQ space.
         theta = rng.uniform(-hue, hue) * 2 * np.pi
-        to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                           [0.211, -0.523, 0.312]], np.float32)
+        to_yiq = np.array(
+            [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+        )
         c, s = np.cos(theta), np.sin(theta)
         rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
         x = x @ (np.linalg.inv(to_yiq) @ rot @ to_yiq).T.astype(np.float32)

@@ -39,19 +39,20 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return check_arrays(arrays, source=str(path))
 
 
-def check_arrays(arrays: dict[str, np.ndarray], source: str = "arrays"
-                 ) -> dict[str, np.ndarray]:
+def check_arrays(arrays: dict[str, np.ndarray], source: str = "arrays") -> dict[str, np.ndarray]:
     """Validate aligned ``{name: (N, D)}`` float arrays and cast them to float32."""
     if not arrays:
         raise ValueError(f"{source}: no arrays")
     out, n = {}, None
     for k, v in arrays.items():
         if not _NAME.match(k) or k == "index":
-            raise ValueError(f"{source}: invalid modality name {k!r} (letters, digits, _; "
-                             "not 'index')")
+            raise ValueError(
+                f"{source}: invalid modality name {k!r} (letters, digits, _; not 'index')"
+            )
         if v.ndim != 2 or not np.issubdtype(v.dtype, np.floating):
-            raise ValueError(f"{source}: {k!r} must be a 2-D float array, got "
-                             f"{v.dtype}{list(v.shape)}")
+            raise ValueError(
+                f"{source}: {k!r} must be a 2-D float array, got {v.dtype}{list(v.shape)}"
+            )
         if n is not None and v.shape[0] != n:
             raise ValueError(f"{source}: {k!r} has {v.shape[0]} rows, expected {n}")
         n = v.shape[0]
@@ -78,8 +79,14 @@ def split_rows(n: int, split: str, test_fraction: float, seed: int) -> np.ndarra
 class NpzEmbeddingSource:
     """In-memory random-access source: ``source[i] = {name: (D,) float32, "index": row}``."""
 
-    def __init__(self, npz: str | os.PathLike | dict[str, np.ndarray], split: str = "train",
-                 *, test_fraction: float = 0.2, seed: int = 0):
+    def __init__(
+        self,
+        npz: str | os.PathLike | dict[str, np.ndarray],
+        split: str = "train",
+        *,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+    ):
         arrays = check_arrays(dict(npz)) if isinstance(npz, dict) else read_npz(npz)
         n = next(iter(arrays.values())).shape[0]
         self._rows = split_rows(n, split, test_fraction, seed)
@@ -127,8 +134,11 @@ class EmbeddingsConfig(tfds.core.BuilderConfig):
 
     def identity(self) -> dict:
         """What makes two configs the same data: file content, fraction and seed."""
-        return {"sha256": file_digest(self.npz_path), "test_fraction": self.test_fraction,
-                "seed": self.seed}
+        return {
+            "sha256": file_digest(self.npz_path),
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+        }
 
 
 class Embeddings(LocalBuilder):
@@ -144,8 +154,10 @@ class Embeddings(LocalBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         arrays = self._arrays() if c.npz_path else {}
-        feats = {k: tfds.features.Tensor(shape=(v.shape[1],), dtype=np.float32)
-                 for k, v in arrays.items()}
+        feats = {
+            k: tfds.features.Tensor(shape=(v.shape[1],), dtype=np.float32)
+            for k, v in arrays.items()
+        }
         feats["index"] = tfds.features.Scalar(dtype=np.int32)
         return tfds.core.DatasetInfo(
             builder=self,
@@ -155,7 +167,9 @@ class Embeddings(LocalBuilder):
             metadata=tfds.core.MetadataDict(
                 modalities={k: "features" for k in arrays},
                 npz_path=os.path.abspath(c.npz_path) if c.npz_path else "",
-                test_fraction=c.test_fraction, seed=c.seed),
+                test_fraction=c.test_fraction,
+                seed=c.seed,
+            ),
         )
 
     def _split_generators(self, dl_manager):

@@ -77,8 +77,9 @@ def _convert(name: str, kind: str, value) -> np.ndarray:
         return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     if kind == "audio":
         if x.ndim != 2:
-            raise ValueError(f"modality {name!r}: expected a (T, n_mels) spectrogram, "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"modality {name!r}: expected a (T, n_mels) spectrogram, got {x.shape}"
+            )
         x = x.astype(np.float32)
         return (x - x.mean()) / (x.std() + 1e-5)
     if kind == "text":
@@ -97,8 +98,9 @@ class _Transform:
 
     def __init__(self, modalities, aug, seed, shard_len, two_views):
         self.modalities = modalities
-        self.augs = ({m: aug.for_modality(m, k) for m, k in modalities.items()}
-                     if aug is not None else None)
+        self.augs = (
+            {m: aug.for_modality(m, k) for m, k in modalities.items()} if aug is not None else None
+        )
         self.seed = seed
         self.shard_len = shard_len
         self.two_views = two_views
@@ -110,8 +112,10 @@ class _Transform:
             rng = np.random.default_rng([self.seed, epoch, rec_index, view])
         for name, kind in self.modalities.items():
             if name not in record or record[name] is None:
-                raise ValueError(f"modality {name!r} missing from the record (keys: "
-                                 f"{sorted(k for k, v in record.items() if v is not None)})")
+                raise ValueError(
+                    f"modality {name!r} missing from the record (keys: "
+                    f"{sorted(k for k, v in record.items() if v is not None)})"
+                )
             x = _convert(name, kind, record[name])
             if rng is not None and self.augs[name] is not None:
                 x = self.augs[name](x, rng)
@@ -129,7 +133,7 @@ class _Transform:
                 continue
             for prefix in LABEL_PREFIXES:
                 if key.startswith(prefix):
-                    out["label/" + key[len(prefix):]] = np.int32(value)
+                    out["label/" + key[len(prefix) :]] = np.int32(value)
         out["index"] = np.int32(record.get("index", rec_index))
         if self.two_views:
             out["view1"] = self._views(record, epoch, rec_index, 1)
@@ -162,16 +166,31 @@ class _ToGlobal:
         def put(x):
             x = np.asarray(x)
             return jax.make_array_from_process_local_data(
-                self.sharding, x, (self.global_batch, *x.shape[1:]))
+                self.sharding, x, (self.global_batch, *x.shape[1:])
+            )
+
         return jax.tree.map(put, batch)
 
 
-def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = 1, mesh=None, data_axis="data", augment=None,
-                 two_views: bool = False, worker_count: int = 0, drop_remainder: bool = True,
-                 modalities: Mapping[str, str] | None = None,
-                 process_index: int | None = None, process_count: int | None = None,
-                 read_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+def make_dataset(
+    source,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    mesh=None,
+    data_axis="data",
+    augment=None,
+    two_views: bool = False,
+    worker_count: int = 0,
+    drop_remainder: bool = True,
+    modalities: Mapping[str, str] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_threads: int = 2,
+    prefetch: int = 4,
+) -> grain.IterDataset:
     """The ``grain.IterDataset`` behind ``make_iterator`` (same arguments)."""
     if process_index is None:
         process_index = jax.process_index()
@@ -183,13 +202,15 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the process count "
-                         f"{process_count}")
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the process count {process_count}"
+        )
     if mesh is not None:
         size = _data_size(mesh, data_axis)
         if batch_size % size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data "
-                             f"axis size {size}")
+            raise ValueError(
+                f"batch_size {batch_size} is not divisible by the mesh's data axis size {size}"
+            )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
     if worker_count < 0:
@@ -197,8 +218,10 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
     local_batch = batch_size // process_count
     shard_len = len(range(process_index, n, process_count))
     if drop_remainder and local_batch > shard_len:
-        raise ValueError(f"batch of {batch_size} ({local_batch} per process) is larger than "
-                         f"the split ({n} examples, {shard_len} on this process)")
+        raise ValueError(
+            f"batch of {batch_size} ({local_batch} per process) is larger than "
+            f"the split ({n} examples, {shard_len} on this process)"
+        )
 
     first = source[0]
     if modalities is None:
@@ -208,17 +231,22 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
         raise ValueError(f"no modality found in the source's records (keys: {sorted(first)})")
     for name, kind in modalities.items():
         if kind not in augment_lib.KINDS:
-            raise ValueError(f"unknown kind {kind!r} for modality {name!r}; expected one of "
-                             f"{augment_lib.KINDS}")
+            raise ValueError(
+                f"unknown kind {kind!r} for modality {name!r}; expected one of {augment_lib.KINDS}"
+            )
         if first.get(name) is None:
-            raise ValueError(f"unknown modality {name!r}: not in the source's records "
-                             f"(keys: {sorted(k for k, v in first.items() if v is not None)})")
+            raise ValueError(
+                f"unknown modality {name!r}: not in the source's records "
+                f"(keys: {sorted(k for k, v in first.items() if v is not None)})"
+            )
     aug = augment_lib.resolve(augment)
     if aug is not None:
         unknown = set(dict(aug.overrides)) - set(modalities)
         if unknown:
-            raise ValueError(f"augmentation for unknown modality {sorted(unknown)}; "
-                             f"modalities are {sorted(modalities)}")
+            raise ValueError(
+                f"augmentation for unknown modality {sorted(unknown)}; "
+                f"modalities are {sorted(modalities)}"
+            )
         for name, kind in modalities.items():
             aug.for_modality(name, kind)
 
@@ -229,8 +257,9 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_Transform(modalities, aug, seed, shard_len, two_views))
     ds = ds.batch(local_batch, drop_remainder=drop_remainder)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=prefetch))
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    )
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     if mesh is not None:
@@ -238,12 +267,25 @@ def make_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True
     return it_ds
 
 
-def make_iterator(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                  num_epochs: int | None = 1, mesh=None, data_axis="data", augment=None,
-                  two_views: bool = False, worker_count: int = 0, drop_remainder: bool = True,
-                  modalities: Mapping[str, str] | None = None,
-                  process_index: int | None = None, process_count: int | None = None,
-                  read_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+def make_iterator(
+    source,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    mesh=None,
+    data_axis="data",
+    augment=None,
+    two_views: bool = False,
+    worker_count: int = 0,
+    drop_remainder: bool = True,
+    modalities: Mapping[str, str] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_threads: int = 2,
+    prefetch: int = 4,
+) -> grain.DatasetIterator:
     """Checkpointable iterator of batches of ``source`` (format: module docstring).
 
     Args:
@@ -272,12 +314,26 @@ def make_iterator(source, *, batch_size: int, seed: int = 0, shuffle: bool = Tru
         divisible by the process count or the mesh's data size, unknown modality / kind /
         augmentation preset, data axis not in the mesh.
     """
-    return iter(make_dataset(
-        source, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        mesh=mesh, data_axis=data_axis, augment=augment, two_views=two_views,
-        worker_count=worker_count, drop_remainder=drop_remainder, modalities=modalities,
-        process_index=process_index, process_count=process_count, read_threads=read_threads,
-        prefetch=prefetch))
+    return iter(
+        make_dataset(
+            source,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            mesh=mesh,
+            data_axis=data_axis,
+            augment=augment,
+            two_views=two_views,
+            worker_count=worker_count,
+            drop_remainder=drop_remainder,
+            modalities=modalities,
+            process_index=process_index,
+            process_count=process_count,
+            read_threads=read_threads,
+            prefetch=prefetch,
+        )
+    )
 
 
 def steps_per_epoch(source, batch_size: int, *, process_count: int | None = None) -> int:

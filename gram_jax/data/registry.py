@@ -76,8 +76,9 @@ def make_config(name: str, **config) -> tfds.core.BuilderConfig:
     params = sorted(set(fields) - _BASE_FIELDS)
     unknown = set(config) - set(params)
     if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(unknown)} for {name!r}; "
-                         f"expected some of {params}")
+        raise ValueError(
+            f"unknown config field(s) {sorted(unknown)} for {name!r}; expected some of {params}"
+        )
     if "npz_path" in config:
         config["npz_path"] = os.fspath(config["npz_path"])
     cfg = config_cls(name="default", **config)
@@ -120,8 +121,11 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, **config) -> p
     tmp = root / f".incomplete-{name}-{uuid.uuid4().hex[:8]}"
     try:
         # TFDS refuses a config object named like a BUILDER_CONFIGS entry: pass the name.
-        builder = builder_cls(config="default" if cfg.name == "default" else cfg,
-                              data_dir=os.fspath(tmp), file_format="array_record")
+        builder = builder_cls(
+            config="default" if cfg.name == "default" else cfg,
+            data_dir=os.fspath(tmp),
+            file_format="array_record",
+        )
         builder.download_and_prepare()
         final.parent.mkdir(parents=True, exist_ok=True)
         try:

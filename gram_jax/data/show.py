@@ -42,14 +42,20 @@ def _parse_config(items: list[str]) -> dict:
 def figure_synthetic(source, indices) -> plt.Figure:
     """Image / spectrogram / caption columns for synthetic_trimodal records."""
     n = len(indices)
-    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 5.0), squeeze=False,
-                             gridspec_kw={"height_ratios": [1, 1]})
+    fig, axes = plt.subplots(
+        2, n, figsize=(2.1 * n, 5.0), squeeze=False, gridspec_kw={"height_ratios": [1, 1]}
+    )
     for col, i in enumerate(indices):
         rec = source[int(i)]
         axes[0, col].imshow(rec["image"], interpolation="nearest")
         axes[0, col].set_title(f"#{rec['index']}", fontsize=8)
-        axes[1, col].imshow(np.asarray(rec["audio"]).T, origin="lower", aspect="auto",
-                            cmap="magma", interpolation="nearest")
+        axes[1, col].imshow(
+            np.asarray(rec["audio"]).T,
+            origin="lower",
+            aspect="auto",
+            cmap="magma",
+            interpolation="nearest",
+        )
         caption = synthetic.decode_caption(rec["text"])
         axes[1, col].set_xlabel("\n".join(textwrap.wrap(caption, 22)), fontsize=7)
         for ax in axes[:, col]:
@@ -69,10 +75,11 @@ def figure_trifeature(source, indices) -> plt.Figure:
         rec = source[int(i)]
         axes[0, col].imshow(rec["image1"], interpolation="nearest")
         axes[1, col].imshow(rec["image2"], interpolation="nearest")
-        t1, t2 = trifeature.TEXTURES[rec["label/texture1"]], trifeature.TEXTURES[
-            rec["label/texture2"]]
-        c1, c2 = trifeature.COLOURS[rec["label/colour1"]], trifeature.COLOURS[
-            rec["label/colour2"]]
+        t1, t2 = (
+            trifeature.TEXTURES[rec["label/texture1"]],
+            trifeature.TEXTURES[rec["label/texture2"]],
+        )
+        c1, c2 = trifeature.COLOURS[rec["label/colour1"]], trifeature.COLOURS[rec["label/colour2"]]
         shape = trifeature.SHAPES[rec["label/share"]]
         axes[0, col].set_title(f"pair #{rec['index']}: {shape}\n{t1} / {c1}", fontsize=7)
         axes[1, col].set_xlabel(f"{t2} / {c2}\nsynergy={rec['label/synergy']}", fontsize=7)
@@ -81,8 +88,9 @@ def figure_trifeature(source, indices) -> plt.Figure:
             ax.set_yticks([])
     axes[0, 0].set_ylabel("image1", fontsize=8)
     axes[1, 0].set_ylabel("image2", fontsize=8)
-    fig.suptitle("trifeature pairs: shared shape, texture / colour per image, synergy label",
-                 fontsize=10)
+    fig.suptitle(
+        "trifeature pairs: shared shape, texture / colour per image, synergy label", fontsize=10
+    )
     fig.tight_layout()
     return fig
 
@@ -101,12 +109,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     if args.n < 1:
         p.error("--n must be >= 1")
     split = args.split or "train"
-    source = registry.load_source(args.dataset, split, args.data_dir,
-                                  **_parse_config(args.config))
+    source = registry.load_source(args.dataset, split, args.data_dir, **_parse_config(args.config))
     rng = np.random.default_rng(args.seed)
     indices = np.sort(rng.choice(len(source), size=min(args.n, len(source)), replace=False))
     fig = (figure_synthetic if args.dataset == "synthetic_trimodal" else figure_trifeature)(
-        source, indices)
+        source, indices
+    )
     out = pathlib.Path(args.out or f"{args.dataset}.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)

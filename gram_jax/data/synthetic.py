@@ -87,11 +87,15 @@ FACTORS: dict[str, tuple[str, ...]] = {**IMAGE_FACTORS, **AUDIO_FACTORS}
 N_IMAGE_TUPLES = math.prod(len(v) for v in IMAGE_FACTORS.values())  # 192
 N_AUDIO_TUPLES = math.prod(len(v) for v in AUDIO_FACTORS.values())  # 36
 
-_SHAPE_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
-                 "cross": "crosses"}
+_SHAPE_PLURAL = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "cross": "crosses",
+}
 _COLOURS_RGB = np.array(
-    [[0.92, 0.16, 0.12], [0.16, 0.80, 0.22], [0.20, 0.36, 0.96], [0.96, 0.88, 0.16]],
-    np.float32)
+    [[0.92, 0.16, 0.12], [0.16, 0.80, 0.22], [0.20, 0.36, 0.96], [0.96, 0.88, 0.16]], np.float32
+)
 PITCH_HZ = np.array([180.0, 360.0, 720.0, 1440.0])
 NOTES_PER_CLIP = np.array([2, 4, 8])
 
@@ -133,17 +137,30 @@ def caption_words(f: dict[str, int], template: int) -> list[str]:
     """Words naming all 8 factors of one example; ``template`` 0/1 picks the word order."""
     shape = IMAGE_FACTORS["shape"][f["shape"]]
     noun = shape if f["count"] == 0 else _SHAPE_PLURAL[shape]
-    image = [IMAGE_FACTORS["count"][f["count"]], IMAGE_FACTORS["size"][f["size"]],
-             IMAGE_FACTORS["colour"][f["colour"]], noun, "at", "the",
-             IMAGE_FACTORS["position"][f["position"]]]
-    audio = ["a", AUDIO_FACTORS["pitch"][f["pitch"]], AUDIO_FACTORS["timbre"][f["timbre"]],
-             "tone", "beating", AUDIO_FACTORS["tempo"][f["tempo"]]]
+    image = [
+        IMAGE_FACTORS["count"][f["count"]],
+        IMAGE_FACTORS["size"][f["size"]],
+        IMAGE_FACTORS["colour"][f["colour"]],
+        noun,
+        "at",
+        "the",
+        IMAGE_FACTORS["position"][f["position"]],
+    ]
+    audio = [
+        "a",
+        AUDIO_FACTORS["pitch"][f["pitch"]],
+        AUDIO_FACTORS["timbre"][f["timbre"]],
+        "tone",
+        "beating",
+        AUDIO_FACTORS["tempo"][f["tempo"]],
+    ]
     return image + ["with"] + audio if template == 0 else audio + ["and"] + image
 
 
 # ---------------------------------------------------------------------------------------
 # Balanced factor design
 # ---------------------------------------------------------------------------------------
+
 
 def _balanced_slots(n: int, n_values: int, rng: np.random.Generator) -> np.ndarray:
     """n draws from ``range(n_values)`` in which each used value occurs >= 2 times (n >= 2)."""
@@ -179,8 +196,9 @@ def sample_factors(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         # Large splits: whole copies of the joint space plus a random subset of it; every
         # tuple then occurs floor(n/joint) or one more times (each image tuple >= 18 times).
         reps, rest = divmod(n, joint)
-        ids = np.concatenate([np.tile(np.arange(joint), reps),
-                              rng.choice(joint, size=rest, replace=False)])
+        ids = np.concatenate(
+            [np.tile(np.arange(joint), reps), rng.choice(joint, size=rest, replace=False)]
+        )
         ids = rng.permutation(ids)
         img, aud = np.divmod(ids, N_AUDIO_TUPLES)
     out = {}
@@ -197,8 +215,10 @@ def sample_factors(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 # Image rendering (vectorised over examples)
 # ---------------------------------------------------------------------------------------
 
-def render_images(f: dict[str, np.ndarray], size: int, rng: np.random.Generator,
-                  supersample: int = 2) -> np.ndarray:
+
+def render_images(
+    f: dict[str, np.ndarray], size: int, rng: np.random.Generator, supersample: int = 2
+) -> np.ndarray:
     """Render ``(n, size, size, 3) uint8`` images of the image factors in ``f``."""
     n = len(f["shape"])
     s = size / 32.0
@@ -206,16 +226,16 @@ def render_images(f: dict[str, np.ndarray], size: int, rng: np.random.Generator,
     count = f["count"] + 1
     slot_w = size / count
     k = np.arange(3)[None, :]
-    active = k < count[:, None]                                    # (n, 3)
+    active = k < count[:, None]  # (n, 3)
     jx = np.maximum(0.0, slot_w / 2 - radius - 0.5)[:, None]
     cx = (k + 0.5) * slot_w[:, None] + rng.uniform(-1, 1, (n, 3)) * jx
     jy = np.maximum(0.0, size / 4 - radius - 0.5)
     cy = np.where(f["position"] == 0, size / 4, 3 * size / 4) + rng.uniform(-1, 1, n) * jy
     cy = np.repeat(cy[:, None], 3, axis=1)
 
-    grid = (np.arange(size * supersample) + 0.5) / supersample     # pixel units
-    dx = grid[None, None, None, :] - cx[:, :, None, None]          # (n, 3, 1, G)
-    dy = grid[None, None, :, None] - cy[:, :, None, None]          # (n, 3, G, 1)
+    grid = (np.arange(size * supersample) + 0.5) / supersample  # pixel units
+    dx = grid[None, None, None, :] - cx[:, :, None, None]  # (n, 3, 1, G)
+    dy = grid[None, None, :, None] - cy[:, :, None, None]  # (n, 3, G, 1)
     r = radius[:, None, None, None]
     ax, ay = np.abs(dx), np.abs(dy)
     shape = f["shape"][:, None, None, None]
@@ -227,7 +247,7 @@ def render_images(f: dict[str, np.ndarray], size: int, rng: np.random.Generator,
     mask = mask & active[:, :, None, None]
     g = size
     cover = mask.reshape(n, 3, g, supersample, g, supersample).mean(axis=(3, 5))
-    alpha = 1.0 - np.prod(1.0 - cover, axis=1)                     # (n, g, g)
+    alpha = 1.0 - np.prod(1.0 - cover, axis=1)  # (n, g, g)
 
     colour = _COLOURS_RGB[f["colour"]] + rng.uniform(-0.05, 0.05, (n, 3))
     bg = 0.2 + rng.uniform(-0.05, 0.05, (n, 1, 1, 1)) + rng.normal(0, 0.02, (n, g, g, 1))
@@ -239,18 +259,20 @@ def render_images(f: dict[str, np.ndarray], size: int, rng: np.random.Generator,
 # Audio synthesis and log-mel (vectorised over examples)
 # ---------------------------------------------------------------------------------------
 
+
 def n_samples(n_frames: int) -> int:
     """Waveform length whose framing (window 256, hop 128, no padding) gives n_frames."""
     return (n_frames - 1) * HOP + N_FFT
 
 
-def synthesize_audio(f: dict[str, np.ndarray], n_frames: int,
-                     rng: np.random.Generator) -> np.ndarray:
+def synthesize_audio(
+    f: dict[str, np.ndarray], n_frames: int, rng: np.random.Generator
+) -> np.ndarray:
     """Waveforms ``(n, n_samples(n_frames)) float32`` in about [-1, 1] of the audio factors."""
     n = len(f["pitch"])
     length = n_samples(n_frames)
     t = np.arange(length) / SAMPLE_RATE
-    f0 = PITCH_HZ[f["pitch"]] * rng.uniform(0.97, 1.03, n)         # (n,)
+    f0 = PITCH_HZ[f["pitch"]] * rng.uniform(0.97, 1.03, n)  # (n,)
     # Each timbre is synthesised only for the rows that use it (the harmonic stack and the
     # filtered noise are the expensive parts).
     tone = np.zeros((n, length), np.float32)
@@ -275,8 +297,8 @@ def synthesize_audio(f: dict[str, np.ndarray], n_frames: int,
         tone[rows] = noisy / (noisy.std(axis=1, keepdims=True) * 1.6 + 1e-8)
 
     # Rhythm: notes sounding for the first 55 % of each period, 4 ms ramps, random phase.
-    period = length / NOTES_PER_CLIP[f["tempo"]]                   # samples
-    pos = (np.arange(length)[None, :] + rng.uniform(0, 1, n)[:, None] * period[:, None])
+    period = length / NOTES_PER_CLIP[f["tempo"]]  # samples
+    pos = np.arange(length)[None, :] + rng.uniform(0, 1, n)[:, None] * period[:, None]
     pos = np.mod(pos, period[:, None])
     on = 0.55 * period[:, None]
     ramp = 32.0
@@ -287,9 +309,15 @@ def synthesize_audio(f: dict[str, np.ndarray], n_frames: int,
 
 
 @functools.cache
-def mel_filterbank(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
-                   fmin: float = 50.0, fmax: float = 4000.0) -> np.ndarray:
+def mel_filterbank(
+    n_mels: int,
+    n_fft: int = N_FFT,
+    sample_rate: int = SAMPLE_RATE,
+    fmin: float = 50.0,
+    fmax: float = 4000.0,
+) -> np.ndarray:
     """HTK-mel triangular filters ``(n_fft // 2 + 1, n_mels) float32``."""
+
     def hz_to_mel(hz):
         return 2595.0 * np.log10(1.0 + np.asarray(hz) / 700.0)
 
@@ -301,9 +329,9 @@ def mel_filterbank(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RA
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (freqs[None, :] - lo) / (mid - lo)
     down = (hi - freqs[None, :]) / (hi - mid)
-    fb = np.maximum(0.0, np.minimum(up, down))                     # (n_mels, n_bins)
+    fb = np.maximum(0.0, np.minimum(up, down))  # (n_mels, n_bins)
     # Slaney-style area normalisation keeps wide high-frequency filters from dominating.
-    fb *= (2.0 / (hi - lo))
+    fb *= 2.0 / (hi - lo)
     return fb.T.astype(np.float32)
 
 
@@ -311,7 +339,7 @@ def log_mel(wave: np.ndarray, n_mels: int) -> np.ndarray:
     """``(n, S)`` waveforms -> ``(n, T, n_mels) float32`` log-mel power, T = 1 + (S-256)//128."""
     n_frames = 1 + (wave.shape[1] - N_FFT) // HOP
     idx = np.arange(n_frames)[:, None] * HOP + np.arange(N_FFT)[None, :]
-    frames = wave[:, idx] * np.hanning(N_FFT).astype(np.float32)   # (n, T, N_FFT)
+    frames = wave[:, idx] * np.hanning(N_FFT).astype(np.float32)  # (n, T, N_FFT)
     power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
     mel = power.astype(np.float32) @ mel_filterbank(n_mels)
     return np.log(mel + 1e-6).astype(np.float32)
@@ -324,9 +352,18 @@ def log_mel(wave: np.ndarray, n_mels: int) -> np.ndarray:
 SPLITS = ("train", "validation", "test")
 
 
-def generate_split(n: int, *, seed: int, split: str, image_size: int = 32,
-                   n_frames: int = 32, n_mels: int = 32, text_length: int = 16,
-                   with_waveform: bool = False, chunk: int = 1024) -> dict[str, np.ndarray]:
+def generate_split(
+    n: int,
+    *,
+    seed: int,
+    split: str,
+    image_size: int = 32,
+    n_frames: int = 32,
+    n_mels: int = 32,
+    text_length: int = 16,
+    with_waveform: bool = False,
+    chunk: int = 1024,
+) -> dict[str, np.ndarray]:
     """All arrays of one split: ``image``, ``audio``, ``text``, ``index``, ``factors/*``.
 
     Deterministic in (seed, split, n and the shape arguments).
@@ -338,17 +375,26 @@ def generate_split(n: int, *, seed: int, split: str, image_size: int = 32,
     template = rng.integers(0, 2, n).astype(np.int32)
     images, audios, waves = [], [], []
     for lo in range(0, n, chunk):
-        fc = {k: v[lo: lo + chunk] for k, v in f.items()}
+        fc = {k: v[lo : lo + chunk] for k, v in f.items()}
         images.append(render_images(fc, image_size, rng))
         wave = synthesize_audio(fc, n_frames, rng)
         audios.append(log_mel(wave, n_mels))
         if with_waveform:
             waves.append(wave)
-    text = np.stack([
-        encode_caption(caption_words({k: int(v[i]) for k, v in f.items()}, int(template[i])),
-                       text_length) for i in range(n)])
-    out = {"image": np.concatenate(images), "audio": np.concatenate(audios), "text": text,
-           "index": np.arange(n, dtype=np.int32)}
+    text = np.stack(
+        [
+            encode_caption(
+                caption_words({k: int(v[i]) for k, v in f.items()}, int(template[i])), text_length
+            )
+            for i in range(n)
+        ]
+    )
+    out = {
+        "image": np.concatenate(images),
+        "audio": np.concatenate(audios),
+        "text": text,
+        "index": np.arange(n, dtype=np.int32),
+    }
     if with_waveform:
         out["waveform"] = np.concatenate(waves)
     out.update({f"factors/{k}": v for k, v in f.items()})
@@ -373,8 +419,7 @@ class SyntheticTrimodalConfig(tfds.core.BuilderConfig):
     def validate(self) -> None:
         for split in SPLITS:
             if getattr(self, f"{split}_size") < 2:
-                raise ValueError(f"{split}_size must be >= 2, got "
-                                 f"{getattr(self, f'{split}_size')}")
+                raise ValueError(f"{split}_size must be >= 2, got {getattr(self, f'{split}_size')}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.n_frames < 8 or self.n_mels < 8:
@@ -393,16 +438,16 @@ class SyntheticTrimodal(LocalBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         feats = {
-            "image": tfds.features.Tensor(shape=(c.image_size, c.image_size, 3),
-                                          dtype=np.uint8),
+            "image": tfds.features.Tensor(shape=(c.image_size, c.image_size, 3), dtype=np.uint8),
             "audio": tfds.features.Tensor(shape=(c.n_frames, c.n_mels), dtype=np.float32),
             "text": tfds.features.Tensor(shape=(c.text_length,), dtype=np.int32),
             "index": tfds.features.Scalar(dtype=np.int32),
         }
         modalities = {"image": "image", "audio": "audio", "text": "text"}
         if c.with_waveform:
-            feats["waveform"] = tfds.features.Tensor(shape=(n_samples(c.n_frames),),
-                                                     dtype=np.float32)
+            feats["waveform"] = tfds.features.Tensor(
+                shape=(n_samples(c.n_frames),), dtype=np.float32
+            )
             modalities["waveform"] = "waveform"
         for name in [*FACTORS, "template"]:
             feats[f"factors/{name}"] = tfds.features.Scalar(dtype=np.int32)
@@ -414,19 +459,29 @@ class SyntheticTrimodal(LocalBuilder):
             metadata=tfds.core.MetadataDict(
                 modalities=modalities,
                 factors={k: list(v) for k, v in FACTORS.items()},
-                vocabulary=list(vocabulary())),
+                vocabulary=list(vocabulary()),
+            ),
         )
 
     def _split_generators(self, dl_manager):
         del dl_manager
         c = self.builder_config
-        return {split: self._generate_examples(split=split, n=getattr(c, f"{split}_size"))
-                for split in SPLITS}
+        return {
+            split: self._generate_examples(split=split, n=getattr(c, f"{split}_size"))
+            for split in SPLITS
+        }
 
     def _generate_examples(self, split: str, n: int):
         c = self.builder_config
-        arrays = generate_split(n, seed=c.seed, split=split, image_size=c.image_size,
-                                n_frames=c.n_frames, n_mels=c.n_mels,
-                                text_length=c.text_length, with_waveform=c.with_waveform)
+        arrays = generate_split(
+            n,
+            seed=c.seed,
+            split=split,
+            image_size=c.image_size,
+            n_frames=c.n_frames,
+            n_mels=c.n_mels,
+            text_length=c.text_length,
+            with_waveform=c.with_waveform,
+        )
         for i in range(n):
             yield i, {k: v[i] for k, v in arrays.items()}

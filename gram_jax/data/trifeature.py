@@ -59,24 +59,67 @@ import tensorflow_datasets as tfds
 
 from gram_jax.data._tfds import LocalBuilder
 
-SHAPES = ("triangle", "square", "plus", "circle", "tee", "rhombus", "pentagon", "star",
-          "fivesquare", "trapezoid")
-TEXTURES = ("solid", "stripes", "grid", "hexgrid", "dots", "noise", "triangles", "zigzags",
-            "rain", "pluses")
-COLOURS = ("red", "green", "blue", "yellow", "pink", "cyan", "purple", "ocean", "orange",
-           "white")
-COLOURS_RGB = np.array([(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, .4, 1), (0, 1, 1),
-                        (.3, 0, .5), (.1, .4, .5), (1, .6, 0), (1, 1, 1)], np.float64)
+SHAPES = (
+    "triangle",
+    "square",
+    "plus",
+    "circle",
+    "tee",
+    "rhombus",
+    "pentagon",
+    "star",
+    "fivesquare",
+    "trapezoid",
+)
+TEXTURES = (
+    "solid",
+    "stripes",
+    "grid",
+    "hexgrid",
+    "dots",
+    "noise",
+    "triangles",
+    "zigzags",
+    "rain",
+    "pluses",
+)
+COLOURS = ("red", "green", "blue", "yellow", "pink", "cyan", "purple", "ocean", "orange", "white")
+COLOURS_RGB = np.array(
+    [
+        (1, 0, 0),
+        (0, 1, 0),
+        (0, 0, 1),
+        (1, 1, 0),
+        (1, 0.4, 1),
+        (0, 1, 1),
+        (0.3, 0, 0.5),
+        (0.1, 0.4, 0.5),
+        (1, 0.6, 0),
+        (1, 1, 1),
+    ],
+    np.float64,
+)
 BACKGROUND = 0.5
 PAIR_SPLITS = ("train", "train_biased", "test", "test_biased")
 IMAGE_SPLITS = ("images_train", "images_test")
-LABELS = ("share", "unique1", "unique2", "synergy", "shape1", "texture1", "colour1",
-          "shape2", "texture2", "colour2")
+LABELS = (
+    "share",
+    "unique1",
+    "unique2",
+    "synergy",
+    "shape1",
+    "texture1",
+    "colour1",
+    "shape2",
+    "texture2",
+    "colour2",
+)
 
 
 # ---------------------------------------------------------------------------------------
 # Templates and textures
 # ---------------------------------------------------------------------------------------
+
 
 def _polygon(vertices: np.ndarray, s: int) -> np.ndarray:
     """Even-odd point-in-polygon test on the pixel centres of an s x s grid."""
@@ -99,7 +142,7 @@ def shape_template(shape: int, s: int) -> np.ndarray:
     if name == "square":
         m = np.ones((s, s), bool)
     elif name == "circle":
-        m = (i + .5 - h) ** 2 + (j + .5 - h) ** 2 < h ** 2
+        m = (i + 0.5 - h) ** 2 + (j + 0.5 - h) ** 2 < h**2
     elif name == "triangle":
         m = np.abs(j - h) - i // 2 < 1
     elif name in ("plus", "tee"):
@@ -110,7 +153,7 @@ def shape_template(shape: int, s: int) -> np.ndarray:
         v = j - h + i // 2
         m = (v > 0) & (v < h)
     elif name == "pentagon":
-        top = int(.4 * s)
+        top = int(0.4 * s)
         x_off = (i - top) // 3.1
         m = np.where(i < top, np.abs(j - h) - 1.25 * i < 1, (x_off < j) & (j < s - x_off))
     elif name == "star":
@@ -175,11 +218,20 @@ def texture_pattern(texture: int, size: int, scale: int, rng: np.random.Generato
     return m.astype(np.float64)
 
 
-def render(shape: int, texture: int, colour: int, rng: np.random.Generator, *,
-           render_size: int = 64, base_size: int = 36, texture_scale: int = 6) -> np.ndarray:
+def render(
+    shape: int,
+    texture: int,
+    colour: int,
+    rng: np.random.Generator,
+    *,
+    render_size: int = 64,
+    base_size: int = 36,
+    texture_scale: int = 6,
+) -> np.ndarray:
     """One ``(render_size, render_size, 3) uint8`` stimulus."""
-    tmpl = scipy.ndimage.rotate(shape_template(shape, base_size), rng.integers(-45, 45),
-                                order=1, reshape=True)
+    tmpl = scipy.ndimage.rotate(
+        shape_template(shape, base_size), rng.integers(-45, 45), order=1, reshape=True
+    )
     tmpl = np.clip(tmpl, 0.0, 1.0)
     h, w = tmpl.shape
     if h > render_size or w > render_size:
@@ -187,11 +239,11 @@ def render(shape: int, texture: int, colour: int, rng: np.random.Generator, *,
     canvas = np.zeros((render_size, render_size))
     oy = rng.integers(0, max(1, render_size - h))
     ox = rng.integers(0, max(1, render_size - w))
-    canvas[oy: oy + h, ox: ox + w] = tmpl
+    canvas[oy : oy + h, ox : ox + w] = tmpl
     tex = texture_pattern(texture, 2 * render_size, texture_scale, rng)
     tex = scipy.ndimage.rotate(tex, rng.integers(-45, 45), order=0, reshape=False)
     lo = render_size // 2
-    tex = tex[lo: lo + render_size, lo: lo + render_size]
+    tex = tex[lo : lo + render_size, lo : lo + render_size]
     m = (canvas * tex)[..., None]
     rgb = m * COLOURS_RGB[colour] + (1 - m) * BACKGROUND
     return (rgb * 255).astype(np.uint8)
@@ -201,8 +253,10 @@ def render(shape: int, texture: int, colour: int, rng: np.random.Generator, *,
 # Splits and pairs (no rendering needed)
 # ---------------------------------------------------------------------------------------
 
-def image_factors(seed: int = 42, num_per_combination: int = 3,
-                  num_test_combinations: int = 200) -> dict[str, np.ndarray]:
+
+def image_factors(
+    seed: int = 42, num_per_combination: int = 3, num_test_combinations: int = 200
+) -> dict[str, np.ndarray]:
     """Factor arrays ``{split: (n, 3) int (shape, texture, colour)}`` in file-name order."""
     rng = np.random.default_rng(seed)
     is_train = np.array([0] * num_test_combinations + [1] * (1000 - num_test_combinations))
@@ -213,8 +267,12 @@ def image_factors(seed: int = 42, num_per_combination: int = 3,
         stem = f"{SHAPES[c[0]]}_{TEXTURES[c[1]]}_{COLOURS[c[2]]}"
         return stem + ("" if k is None else f"_{k}") + ".png"
 
-    train = [(c, k) for c, t in zip(combos, is_train, strict=True) if t
-             for k in range(num_per_combination)]
+    train = [
+        (c, k)
+        for c, t in zip(combos, is_train, strict=True)
+        if t
+        for k in range(num_per_combination)
+    ]
     test = [(c, None) for c, t in zip(combos, is_train, strict=True) if not t]
     out = {}
     for split, items in (("train", train), ("test", test)):
@@ -228,8 +286,9 @@ def synergy_mapping(seed: int = 42) -> np.ndarray:
     return np.random.default_rng(seed).permutation(10)
 
 
-def sample_pairs(factors: np.ndarray, *, biased: bool, seed: int = 42,
-                 max_pairs: int = 10_000) -> tuple[np.ndarray, int]:
+def sample_pairs(
+    factors: np.ndarray, *, biased: bool, seed: int = 42, max_pairs: int = 10_000
+) -> tuple[np.ndarray, int]:
     """``((P, 2) int image-index pairs, number of allowed pairs)`` for one image split."""
     rng = np.random.default_rng(seed)
     mapping = rng.permutation(10)  # same draw as ``synergy_mapping``: keeps the stream aligned
@@ -241,20 +300,30 @@ def sample_pairs(factors: np.ndarray, *, biased: bool, seed: int = 42,
     return allowed[rng.choice(len(allowed), n, replace=False)], len(allowed)
 
 
-def pair_labels(factors: np.ndarray, pairs: np.ndarray, mapping: np.ndarray
-                ) -> dict[str, np.ndarray]:
+def pair_labels(
+    factors: np.ndarray, pairs: np.ndarray, mapping: np.ndarray
+) -> dict[str, np.ndarray]:
     """``{label name: (P,) int32}`` for pairs (see ``LABELS``)."""
     f1, f2 = factors[pairs[:, 0]], factors[pairs[:, 1]]
-    out = {"share": f1[:, 0], "unique1": f1[:, 1], "unique2": f2[:, 1],
-           "synergy": (mapping[f1[:, 1]] == f2[:, 2]),
-           "shape1": f1[:, 0], "texture1": f1[:, 1], "colour1": f1[:, 2],
-           "shape2": f2[:, 0], "texture2": f2[:, 1], "colour2": f2[:, 2]}
+    out = {
+        "share": f1[:, 0],
+        "unique1": f1[:, 1],
+        "unique2": f2[:, 1],
+        "synergy": (mapping[f1[:, 1]] == f2[:, 2]),
+        "shape1": f1[:, 0],
+        "texture1": f1[:, 1],
+        "colour1": f1[:, 2],
+        "shape2": f2[:, 0],
+        "texture2": f2[:, 1],
+        "colour2": f2[:, 2],
+    }
     return {k: v.astype(np.int32) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------
 # TFDS builder and the joined pair source
 # ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class TrifeatureConfig(tfds.core.BuilderConfig):
@@ -270,8 +339,10 @@ class TrifeatureConfig(tfds.core.BuilderConfig):
 
     def validate(self) -> None:
         if self.base_size * 1.42 > self.render_size:
-            raise ValueError(f"base_size {self.base_size} rotated by 45 degrees does not fit "
-                             f"render_size {self.render_size}")
+            raise ValueError(
+                f"base_size {self.base_size} rotated by 45 degrees does not fit "
+                f"render_size {self.render_size}"
+            )
         if self.texture_scale < 3:
             raise ValueError(f"texture_scale must be >= 3, got {self.texture_scale}")
         if not 1 <= self.num_test_combinations <= 999:
@@ -299,8 +370,7 @@ class Trifeature(LocalBuilder):
             # Pair splits.
             "index1": tfds.features.Scalar(dtype=np.int32, optional=True),
             "index2": tfds.features.Scalar(dtype=np.int32, optional=True),
-            **{f"label/{k}": tfds.features.Scalar(dtype=np.int32, optional=True)
-               for k in LABELS},
+            **{f"label/{k}": tfds.features.Scalar(dtype=np.int32, optional=True) for k in LABELS},
             "index": tfds.features.Scalar(dtype=np.int32),
         }
         # One FeaturesDict for both kinds of split (TFDS has one feature spec per dataset):
@@ -313,8 +383,11 @@ class Trifeature(LocalBuilder):
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(
                 modalities={"image1": "image", "image2": "image"},
-                shapes=list(SHAPES), textures=list(TEXTURES), colours=list(COLOURS),
-                mapping=synergy_mapping(c.seed).tolist()),
+                shapes=list(SHAPES),
+                textures=list(TEXTURES),
+                colours=list(COLOURS),
+                mapping=synergy_mapping(c.seed).tolist(),
+            ),
         )
 
     def _split_generators(self, dl_manager):
@@ -325,16 +398,21 @@ class Trifeature(LocalBuilder):
         mapping = synergy_mapping(c.seed)
         for split in PAIR_SPLITS:
             base = split.split("_")[0]
-            pairs, _ = sample_pairs(factors[base], biased=split.endswith("biased"),
-                                    seed=c.seed, max_pairs=c.max_pairs)
+            pairs, _ = sample_pairs(
+                factors[base], biased=split.endswith("biased"), seed=c.seed, max_pairs=c.max_pairs
+            )
             gens[split] = self._generate_pairs(pairs, pair_labels(factors[base], pairs, mapping))
         return gens
 
     def _empty(self, kind: str) -> dict:
         if kind == "image":
             return {"index1": None, "index2": None, **{f"label/{k}": None for k in LABELS}}
-        return {"image": None, "factors/shape": None, "factors/texture": None,
-                "factors/colour": None}
+        return {
+            "image": None,
+            "factors/shape": None,
+            "factors/texture": None,
+            "factors/colour": None,
+        }
 
     def _generate_images(self, factors: np.ndarray, split: str):
         c = self.builder_config
@@ -342,10 +420,26 @@ class Trifeature(LocalBuilder):
         rng = np.random.default_rng([c.seed, 1, 0 if split == "train" else 1])
         pad = self._empty("image")
         for idx, (s, t, col) in enumerate(factors):
-            img = render(int(s), int(t), int(col), rng, render_size=c.render_size,
-                         base_size=c.base_size, texture_scale=c.texture_scale)
-            yield idx, {"image": img, "factors/shape": s, "factors/texture": t,
-                        "factors/colour": col, "index": idx, **pad}
+            img = render(
+                int(s),
+                int(t),
+                int(col),
+                rng,
+                render_size=c.render_size,
+                base_size=c.base_size,
+                texture_scale=c.texture_scale,
+            )
+            yield (
+                idx,
+                {
+                    "image": img,
+                    "factors/shape": s,
+                    "factors/texture": t,
+                    "factors/colour": col,
+                    "index": idx,
+                    **pad,
+                },
+            )
 
     def _generate_examples(self, pairs: np.ndarray, labels: dict[str, np.ndarray]):
         return self._generate_pairs(pairs, labels)
@@ -353,8 +447,16 @@ class Trifeature(LocalBuilder):
     def _generate_pairs(self, pairs: np.ndarray, labels: dict[str, np.ndarray]):
         pad = self._empty("pair")
         for k, (i, j) in enumerate(pairs):
-            yield k, {"index": k, "index1": i, "index2": j,
-                      **{f"label/{n}": v[k] for n, v in labels.items()}, **pad}
+            yield (
+                k,
+                {
+                    "index": k,
+                    "index1": i,
+                    "index2": j,
+                    **{f"label/{n}": v[k] for n, v in labels.items()},
+                    **pad,
+                },
+            )
 
 
 class TrifeaturePairSource:
@@ -376,8 +478,11 @@ class TrifeaturePairSource:
 
     def __getitem__(self, k):
         p = self._pairs[k]
-        out = {"image1": self._images[int(p["index1"])]["image"],
-               "image2": self._images[int(p["index2"])]["image"], "index": p["index"]}
+        out = {
+            "image1": self._images[int(p["index1"])]["image"],
+            "image2": self._images[int(p["index2"])]["image"],
+            "index": p["index"],
+        }
         out.update({f"label/{n}": p[f"label/{n}"] for n in LABELS})
         return out
 
