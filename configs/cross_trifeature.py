@@ -8,20 +8,13 @@ view per pair. Probe features: the concatenated pooled encoder outputs (the auth
 features are concat(e_1, e_2)).
 """
 
-import importlib.util
 import pathlib
 
-
-def _comm_config():
-    path = pathlib.Path(__file__).with_name("comm_trifeature.py")
-    spec = importlib.util.spec_from_file_location("_comm_trifeature", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from gram_jax.training.config import config_from_file
 
 
 def get_config():
-    c = _comm_config()
+    c = config_from_file(pathlib.Path(__file__).with_name("comm_trifeature.py"))
     c.name = "cross_trifeature"
     c.model.kind = "gram"
     c.model.embed_dim = 128

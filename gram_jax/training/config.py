@@ -24,6 +24,7 @@ import ml_collections
 __all__ = [
     "ConfigError",
     "base_config",
+    "config_from_file",
     "load_config",
     "apply_override",
     "validate",
@@ -167,6 +168,12 @@ def _load_module(path: str):
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
     return module
+
+
+def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """``get_config()`` of another config file, unvalidated: for configs that build on one
+    (``c = config_from_file(pathlib.Path(__file__).with_name("comm_trifeature.py"))``)."""
+    return _load_module(str(path)).get_config()
 
 
 def _parse_value(text: str) -> Any:
