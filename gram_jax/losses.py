@@ -505,6 +505,17 @@ def nt_xent(
     return loss, acc
 
 
+def _check_two_views(view1, view2, what: str) -> None:
+    """Two equally long (>= 2) sequences of same-shaped (B, d) embeddings, or a named error."""
+    if len(view1) != len(view2) or len(view1) < 2:
+        raise ValueError(
+            f"view1 and view2 must hold the same number {what}; got {len(view1)} and {len(view2)}"
+        )
+    shapes = {jnp.shape(z) for z in (*view1, *view2)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every embedding must have the same shape (B, d), got {shapes}")
+
+
 def comm_loss(
     view1: Sequence[Float[Array, "B d"]],
     view2: Sequence[Float[Array, "B d"]],
@@ -525,14 +536,9 @@ def comm_loss(
     single-modality view with the other view's full embedding. ``axis_name`` / ``impl`` /
     ``chunk_size`` are passed to every :func:`nt_xent` (global batch on a mesh, or tiling).
     """
-    if len(view1) != len(view2) or len(view1) < 2:
-        raise ValueError(
-            "view1 and view2 must hold the same number (n + 1 >= 2) of embeddings: the n "
-            f"single-modality ones then the full one; got {len(view1)} and {len(view2)}"
-        )
-    shapes = {jnp.shape(z) for z in (*view1, *view2)}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"every CoMM embedding must have the same shape (B, d), got {shapes}")
+    _check_two_views(
+        view1, view2, "(n + 1 >= 2) of embeddings: the n single-modality ones then the full one"
+    )
     full1, full2 = view1[-1], view2[-1]
     kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
     terms, metrics = [], {}
@@ -573,14 +579,7 @@ def cross_self_loss(
     NTX(z'_2, z''_2)]`` with the cross term averaged over both views (their cross term sees a
     separate weakly augmented view; here both augmented views serve it).
     """
-    if len(view1) != len(view2) or len(view1) < 2:
-        raise ValueError(
-            "view1 and view2 must hold the same number (k >= 2) of per-modality embeddings, "
-            f"got {len(view1)} and {len(view2)}"
-        )
-    shapes = {jnp.shape(z) for z in (*view1, *view2)}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"every embedding must have the same shape (B, d), got {shapes}")
+    _check_two_views(view1, view2, "(k >= 2) of per-modality embeddings")
     k = len(view1)
     cross, cross_acc = [], []
     for view in (view1, view2):
