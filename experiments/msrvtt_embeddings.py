@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import numpy as np
+from summary import summarise
 
 from gram_jax.data.embeddings import NpzEmbeddingSource
 from gram_jax.models import l2_normalize
@@ -77,20 +78,6 @@ def run(method: str, seed: int, steps: int, workroot: pathlib.Path) -> dict:
     metrics = train(config, workroot / f"{method}_seed{seed}")
     metrics["wall_seconds"] = time.time() - t0
     return metrics
-
-
-def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
-    keys = sorted(set.intersection(*(set(r) for r in runs)))
-    out = {}
-    for k in keys:
-        v = np.array([r[k] for r in runs], float)
-        out[k] = {
-            "mean": float(v.mean()),
-            "std": float(v.std()),
-            "min": float(v.min()),
-            "max": float(v.max()),
-        }
-    return out
 
 
 def markdown(results: dict) -> str:

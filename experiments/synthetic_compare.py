@@ -35,6 +35,7 @@ import tempfile
 import time
 
 import numpy as np
+from summary import summarise
 
 from gram_jax.training.config import load_config
 from gram_jax.training.loop import train
@@ -80,21 +81,6 @@ def run(method: str, seed: int, steps: int, workroot: pathlib.Path) -> dict:
     metrics["wall_seconds"] = time.time() - t0
     metrics["training_curve"] = training_curve(workdir)
     return metrics
-
-
-def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
-    keys = sorted(k for k in set.intersection(*(set(r) for r in runs)) if k != "training_curve")
-    out = {}
-    for k in keys:
-        v = np.array([r[k] for r in runs], float)
-        out[k] = {
-            "mean": float(v.mean()),
-            "std": float(v.std()),
-            "min": float(v.min()),
-            "max": float(v.max()),
-            "n": len(v),
-        }
-    return out
 
 
 def markdown(results: dict) -> str:
@@ -228,7 +214,10 @@ def main() -> None:
                     "held_out_items": int(any_run["eval/examples"]),
                     "chance_R@1": any_run["chance/R@1"],
                     "spread": "std = population standard deviation over seeds; min/max too",
-                    "summary": {m: summarise(list(r.values())) for m, r in done.items()},
+                    "summary": {
+                        m: summarise(list(r.values()), skip=("training_curve",))
+                        for m, r in done.items()
+                    },
                     "runs": done,
                     "wall_seconds_total": time.time() - t_start,
                 }
