@@ -25,14 +25,14 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-FIXTURES = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
-    """Directory of the shared fixtures (``../shared/fixtures`` beside the checkout)."""
+    """Directory of the reference data in the repository (``tests/fixtures``, see its README)."""
     if not FIXTURES.is_dir():
-        pytest.fail(f"shared fixtures not found at {FIXTURES}")
+        pytest.fail(f"fixtures not found at {FIXTURES}: is this a complete checkout?")
     return FIXTURES
 
 
