@@ -13,7 +13,7 @@ import pathlib
 from gram_jax.training.config import base_config, modality
 
 FIXTURE = (
-    pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "msrvtt884_gram_step0.npz"
+    pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "msrvtt884_gram_step0.npz"
 )
 
 

@@ -1,16 +1,17 @@
 """Hubness of raw-volume retrieval on real GRAM embeddings (MSR-VTT, 884 clips).
 
-Reproduces research/gram.md section 6: ``vol(t; v, a, s) = vol(v, a, s) * dist(t, span(v, a, s))``,
-so ranking candidates for a text by raw volume multiplies the prior-free distance by a
-query-independent candidate prior ``vol(v_j, a_j, s_j)``. Candidates whose own modalities are
-mutually aligned then become the top-1 hit for many texts ("hubs").
+Reproduces the span factorisation of ``docs/design.md`` (section 2),
+``vol(t; v, a, s) = vol(v, a, s) * dist(t, span(v, a, s))``: ranking candidates for a text by
+raw volume multiplies the prior-free distance by a query-independent candidate prior
+``vol(v_j, a_j, s_j)``. Candidates whose own modalities are mutually aligned then become the
+top-1 hit for many texts ("hubs").
 
 For each saved checkpoint (steps 0, 849, 1749) this prints and writes text -> candidates
 R@1/5/10 by raw volume, by span distance and by cosine(text, video), the largest number of
 queries sharing one top-1 candidate, and the correlation between a candidate's prior volume
 and how often it is a top-1 hit.
 
-    python experiments/hubness_msrvtt.py [--fixtures ../shared/fixtures] [--out experiments/results]
+    python experiments/hubness_msrvtt.py [--fixtures tests/fixtures] [--out experiments/results]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gram_jax import candidate_gram, retrieval_metrics, retrieval_scores
 
 STEPS = (0, 849, 1749)
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-DEFAULT_FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+DEFAULT_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def analyse(path: pathlib.Path) -> dict:

@@ -1,7 +1,7 @@
 """``embeddings``: aligned per-modality embedding vectors from an ``.npz`` file.
 
 The file maps modality names to ``(N, D_m)`` arrays whose row i belongs to the same item
-(e.g. ``../shared/fixtures/msrvtt884_gram_step0.npz``: ``text``, ``video``, ``audio``,
+(e.g. ``tests/fixtures/msrvtt884_gram_step0.npz``: ``text``, ``video``, ``audio``,
 ``subtitles``, each (884, 512)). Records are ``{<modality>: (D_m,) float32, "index": row}``;
 the split is a seeded random partition of the rows (``split_rows``), rows kept in ascending
 order inside each split.
