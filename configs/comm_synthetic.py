@@ -30,6 +30,6 @@ def get_config():
     c.loss.comm_temperature = 0.1
     c.data.two_views = True
     c.data.augment = "light"
-    # CoMM's decay rule (research/comm.md 2): wd 1e-4 on matrices only.
+    # CoMM's decay rule (docs/authors_code.md 7): wd 1e-4 on matrices only.
     c.optim.weight_decay = 1e-4
     return c

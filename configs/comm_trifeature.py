@@ -1,4 +1,4 @@
-"""CoMM's controlled Trifeature experiment, CPU scale (research/comm.md 4a and 9).
+"""CoMM's controlled Trifeature experiment, CPU scale (docs/authors_code.md 9 and 12).
 
 Two 64x64 image "modalities" (shape x texture x colour), tiny ViT encoders (16x16 patches ->
 16 tokens, the 4x4 grid of the CPU plan's CNN), one fusion block of width 64 with 8 heads,

@@ -1,4 +1,4 @@
-"""CoMM's "Cross+Self" baseline on Trifeature (research/comm.md 6).
+"""CoMM's "Cross+Self" baseline on Trifeature (docs/authors_code.md 11).
 
 Two unimodal towers (comm_trifeature's encoders + linear heads to 128-d) on two augmented
 views of each pair; loss :func:`gram_jax.losses.cross_self_loss` = cross-modal NT-Xent +

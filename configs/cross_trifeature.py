@@ -3,7 +3,7 @@
 Same data, encoders, optimiser, batch and probes as
 ``configs/comm_trifeature.py``; the model is two towers with linear heads to a shared
 128-d space and the loss is the symmetric CLIP InfoNCE with a learnable temperature (init
-0.07, no label smoothing), as the authors' ``CLIPLoss`` (research/comm.md 6). One augmented
+0.07, no label smoothing), as the authors' ``CLIPLoss`` (docs/authors_code.md 11). One augmented
 view per pair. Probe features: the concatenated pooled encoder outputs (the authors' Cross
 features are concat(e_1, e_2)).
 """

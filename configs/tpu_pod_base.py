@@ -5,7 +5,7 @@ Base-size encoders (ViT-B/12 trunks: 768 wide, 12 blocks) for text (64 tokens, 3
 256 tokens); global batch 4096 sharded over a ``data x fsdp`` mesh (fsdp = 4: parameters and
 optimiser moments split four ways, each data-parallel group of 4 chips holds one copy);
 bf16 compute (parameters and the loss in float32); the ring loss (per-chip memory
-O((B/n)^2), research/design.md 4); GRAM's optimiser (AdamW 0.9/0.98, eps 1e-6, wd 0.01,
+O((B/n)^2), docs/design.md 4); GRAM's optimiser (AdamW 0.9/0.98, eps 1e-6, wd 0.01,
 warmup 10 % then linear decay) with gradient clipping. On a v5e-256 the mesh is 64 x 4 and
 every chip sees 16 examples per step.
 

@@ -1,7 +1,7 @@
 """CoMM's controlled Trifeature experiment (issue 6): CoMM vs Cross, Cross+Self and GRAM.
 
 Pretrain on Trifeature pairs, then linear-probe the frozen representation on unbiased test
-pairs (research/comm.md 4a, 9): redundancy R = shape (``share``), uniqueness U1 / U2 =
+pairs (docs/authors_code.md 9, 12): redundancy R = shape (``share``), uniqueness U1 / U2 =
 texture of image 1 / 2 (``unique1`` / ``unique2``), synergy S = ``1[(texture_1, colour_2)
 in M]`` (binary; balanced accuracy, chance 50, plus ROC-AUC of the probe score as a
 threshold-free diagnostic). Chance is 10 % for R and U.
@@ -41,7 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 CONFIGS = ROOT / "configs"
 
-# The CPU plan's CNN for both images (research/comm.md 9), whatever the configs' default.
+# The CPU plan's CNN for both images (docs/authors_code.md 12), whatever the configs' default.
 CNN = ("model.modalities.image1.kind=cnn", "model.modalities.image2.kind=cnn")
 # The tiny ViT with 16x16 patches: the same 4x4 token grid at 64x64.
 VIT = (
@@ -65,7 +65,7 @@ LABELS = {
     "gram": "GRAM",
     "comm_vit": "CoMM (tiny ViT encoders)",
 }
-# Paper (Dufumier et al., ICLR 2025, Trifeatures figure; research/comm.md 5): R / U / S, %.
+# Paper (Dufumier et al., ICLR 2025, Trifeatures figure; docs/authors_code.md 10): R / U / S, %.
 PAPER = {
     "comm": {"R": 99.9, "U": 87.8, "S": 71.9},
     "cross": {"R": 100.0, "U": 11.6, "S": 50.0},
@@ -201,7 +201,7 @@ def _fmt(x) -> str:
 NOTES = [
     "Paper numbers: Dufumier et al. (ICLR 2025) Trifeatures figure, linear-probe accuracy after "
     "100 epochs (about 15.7k steps at batch 64) on 224x224 renders with AlexNet conv trunks, "
-    "512-d fusion, SimCLR augmentations (research/comm.md 5). The paper reports one U "
+    "512-d fusion, SimCLR augmentations (docs/authors_code.md 10). The paper reports one U "
     "(texture); ours is the mean of U1 (texture of image 1) and U2 (texture of image 2). The "
     "paper has no GRAM row.",
     "Size reductions here: 64x64 renders (base shape 36 px, texture scale 6) instead of 224x224; "

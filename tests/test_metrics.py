@@ -124,7 +124,7 @@ def test_msrvtt_step0_span_distance_and_cosine(fixtures_dir):
     vol = retrieval_metrics(retrieval_scores(t, v, a, s), lower_is_better=True)
     assert vol["MdR"] == 10.0 and round(vol["MnR"], 1) == 53.0
     span = retrieval_metrics(retrieval_scores(t, v, a, s, score="span_distance"), True)
-    assert round(span["R@1"], 1) == 43.6  # the hubness-free score (design.md section 2)
+    assert round(span["R@1"], 1) == 43.6  # the hubness-free score (docs/design.md section 2)
     cos = retrieval_metrics(retrieval_scores(t, v, a, s, score="cosine"), lower_is_better=False)
     assert rounded(cos) == (44.9, 72.4, 82.5)
 

@@ -6,7 +6,7 @@ checkpoint. Inputs are already converted (see ``pipeline``): images float32 (H, 
 [0, 1]; audio log-mel float32 (T, n_mels) standardised; text int32 (L,) ids, 0 = pad;
 features float32 (F,); waveform float32 (S,).
 
-Defaults follow CoMM (research/comm.md section 3) with two deliberate deviations: no hue
+Defaults follow CoMM (docs/authors_code.md section 8) with two deliberate deviations: no hue
 jitter and no grayscale by default (they destroy the colour factors that synthetic_trimodal
 captions and the Trifeature synergy label depend on), and a milder crop (0.3-1), which the
 CPU study of comm.md section 9 found to learn faster.

@@ -1,7 +1,7 @@
 """``trifeature``: the bimodal Trifeatures data of CoMM's controlled experiment.
 
 A re-implementation (no code copied) of the generator described in
-``research/comm.md`` section 4a (Hermann & Lampinen 2020, as used by Dufumier et al. 2025):
+``docs/authors_code.md`` section 9 (Hermann & Lampinen 2020, as used by Dufumier et al. 2025):
 
 * 10 shapes x 10 textures x 10 colours = 1,000 (shape, texture, colour) combinations.
   Combinations are enumerated shape -> texture -> colour; a 0/1 array ``[0]*200 + [1]*800``

@@ -1,6 +1,6 @@
 """Small convolutional image encoder: the per-modality CNN of CoMM's CPU plan.
 
-research/comm.md section 9 replaces the authors' AlexNet trunk (224^2 -> 256 x 6 x 6) by four
+docs/authors_code.md section 12 replaces the authors' AlexNet trunk (224^2 -> 256 x 6 x 6) by four
 strided convolutions on 64^2 renders, ``conv5x5/2(32) -> conv3x3/2(64) -> conv3x3/2(64) ->
 conv3x3/2(64)``, each followed by ReLU, giving a 4 x 4 x 64 map whose cells are CoMM's
 tokens (the 1 x 1 conv to the fusion width and the fixed 2-D positions are CoMM's input

@@ -1,6 +1,6 @@
 """CoMM (Dufumier et al., ICLR 2025): fusion of modality tokens, masked passes, projector.
 
-Architecture, as the authors' ``MMFusion`` (research/comm.md 2):
+Architecture, as the authors' ``MMFusion`` (docs/authors_code.md 7):
 
 1. Encoders: ``e_m = Encoder_m(x_m)`` -> tokens (B, L_m, W_m) + validity mask (once per view).
 2. Input adapters: ``t_m = Linear_m(e_m) + P_m`` (B, L_m, D); ``Linear_m`` has PyTorch's
@@ -19,7 +19,7 @@ p masks the keys of its dropped modalities (and padding) in every attention. A m
 weight exp(float32 min - max) = 0 exactly, and every other operation (LayerNorm, MLP) is
 per-token, so the CLS output equals the dropped-token pass (tested to 1e-5). One difference
 from the authors' masked training path: text padding keys are masked here too (their code
-forgets the key-padding mask in that path, research/comm.md 2.4).
+forgets the key-padding mask in that path, docs/authors_code.md 7).
 
 **Projector BatchNorm, per call.** The authors apply the projector separately to each of the
 2 (k + 1) fused vectors, so BatchNorm statistics are computed per (view, mask) call. Here the

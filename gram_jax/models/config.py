@@ -79,7 +79,7 @@ class EncoderConfig:
     vocab_size: int = 1024
     # precomputed features
     in_features: int = 64
-    # cnn: conv stack of the CoMM CPU plan (research/comm.md 9); tiny -> 32, 64, 64, 64
+    # cnn: conv stack of the CoMM CPU plan (docs/authors_code.md 12); tiny -> 32, 64, 64, 64
     cnn_channels: tuple[int, ...] | None = None
     cnn_kernels: tuple[int, ...] = (5, 3, 3, 3)
     cnn_strides: tuple[int, ...] = (2, 2, 2, 2)

@@ -8,7 +8,7 @@
     "waveform" -> WaveformEncoder (B, S) float
     "text" -> TextEncoder       (B, L) int ids, 0 = pad
     "features" -> FeatureEncoder (B, F) float
-    "cnn" -> CNNEncoder         (B, H, W, C) float (strided conv stack, research/comm.md 9)
+    "cnn" -> CNNEncoder         (B, H, W, C) float (strided conv stack, docs/authors_code.md 12)
 
 from :class:`EncoderConfig.from_preset(preset, **overrides)`.
 """

@@ -17,7 +17,7 @@ summation order), and a fully masked row stays finite (uniform weights) instead 
 
 Two initialisation schemes:
   * ``"vit"``: Xavier-uniform kernels, zero biases (ViT / MAE convention).
-  * ``"clip"``: CLIP's scheme as CoMM uses it for its fusion transformer (research/comm.md 2):
+  * ``"clip"``: CLIP's scheme as CoMM uses it for its fusion transformer (docs/authors_code.md 7):
     q/k/v kernels ~ N(0, W^-1/2), attention output ~ N(0, W^-1/2 (2 L)^-1/2), MLP ``fc`` ~
     N(0, (2W)^-1/2), MLP ``proj`` ~ N(0, W^-1/2 (2L)^-1/2) (std values; L = number of layers),
     zero attention biases, MLP biases U(+-1/sqrt(fan_in)) (PyTorch's default).

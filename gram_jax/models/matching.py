@@ -3,7 +3,7 @@
 GRAM scores an (anchor, candidate) pair by running the anchor (text) tokens through BERT with
 cross-attention to the candidate's condition sequence (all video and audio tokens), then
 ``Linear(W, W) -> GELU(erf) -> LayerNorm(eps=1e-12) -> Linear(W, 2)`` on the CLS output
-(research/gram.md 2.1). This head is a small version of that:
+(docs/authors_code.md 3). This head is a small version of that:
 
     q   = [c ; LN(A a)]                         (B, 1 + La, W)   c: learned CLS query
     kv  = concat_m LN_m(C_m x_m) + e_m           (B, sum Lc_m, W) e_m: learned type embedding

@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.temperature_init = 0.07
     c.model.learn_temperature = True
     c.model.dtype = "float32"  # compute dtype of the encoders: "float32" or "bfloat16"
-    # CoMM only: fusion transformer and projector (research/comm.md section 2).
+    # CoMM only: fusion transformer and projector (docs/authors_code.md section 7).
     c.model.fusion_width = 64
     c.model.fusion_depth = 1
     c.model.fusion_heads = 8

@@ -18,7 +18,7 @@ are standardised; a multinomial logistic regression (L2) is fit with full-batch 
 each penalty in a small grid, the penalty is chosen on a 60/40 split of the training
 features by balanced accuracy, the probe is refit on all training features and scored by
 balanced accuracy on the held-out split (``probe/<task>/balanced_accuracy``; for binary
-tasks also ``probe/<task>/auc``), as CoMM's evaluation (research/comm.md 4a, 9).
+tasks also ``probe/<task>/auc``), as CoMM's evaluation (docs/authors_code.md 9, 12).
 """
 
 from __future__ import annotations

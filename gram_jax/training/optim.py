@@ -2,9 +2,9 @@
 
 * Schedule: linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine or linear decay
   to ``lr * end_lr_ratio`` at ``train.steps`` (or constant). GRAM's authors use warmup 10 %
-  then linear decay (research/gram.md 3).
+  then linear decay (docs/authors_code.md 4).
 * Weight decay (decoupled, AdamW) only on parameters with ``ndim >= 2`` whose path does not
-  name a norm or a bias: the CoMM rule (research/comm.md 2). Temperatures, LayerNorm scales
+  name a norm or a bias: the CoMM rule (docs/authors_code.md 7). Temperatures, LayerNorm scales
   and biases, and position tables held as 1-D parameters are therefore not decayed.
 * Per-module learning rates: ``optim.lr_multipliers = ("regex=mult", ...)``; the first regex
   that ``re.search``-es a parameter's path gives its multiplier (default 1). Multiplier 0
