@@ -4,6 +4,8 @@ import inspect
 import pathlib
 import re
 
+import numpy as np
+
 import gram_jax
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -53,3 +55,16 @@ def test_readme_own_builder_example_defines_a_registrable_dataset():
     exec(compile(block, str(README), "exec"), namespace)
     config = namespace["get_config"]()
     assert config.data.name == "my_data" and "my_data" in DATASETS
+
+
+def test_readme_npz_example_runs_as_pasted_and_fits_the_embeddings_config(tmp_path, monkeypatch):
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "np.savez" in b
+    )
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(README), "exec"), {})
+    saved = np.load(tmp_path / "mine.npz")
+    # configs/gram_embeddings.py: modalities text / video / audio, 512 features each.
+    assert sorted(saved.files) == ["audio", "text", "video"]
+    assert {saved[k].shape for k in saved.files} == {(1000, 512)}
+    assert {saved[k].dtype for k in saved.files} == {np.dtype(np.float32)}
