@@ -68,3 +68,27 @@ def test_readme_npz_example_runs_as_pasted_and_fits_the_embeddings_config(tmp_pa
     assert sorted(saved.files) == ["audio", "text", "video"]
     assert {saved[k].shape for k in saved.files} == {(1000, 512)}
     assert {saved[k].dtype for k in saved.files} == {np.dtype(np.float32)}
+
+
+def test_repository_stands_alone():
+    """Defaults name files inside the repository, and no text cites documents outside it."""
+    import importlib.util
+
+    from gram_jax.training.config import load_config
+
+    root = README.parent
+    npz = load_config(str(root / "configs" / "gram_embeddings.py")).data.builder.npz_path
+    assert pathlib.Path(npz).is_file() and root in pathlib.Path(npz).resolve().parents
+    spec = importlib.util.spec_from_file_location("hub", root / "experiments" / "hubness_msrvtt.py")
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)
+    assert all((hub.DEFAULT_FIXTURES / f"msrvtt884_gram_step{s}.npz").is_file() for s in hub.STEPS)
+    # Spelled in pieces so that this file does not cite them itself.
+    outside = re.compile(
+        "|".join([r"\.\./" + "shared", "shared/" + "fixtures", "research/" + r"\w+\.md"])
+    )
+    texts = [README, root / "pyproject.toml", *root.glob("notebooks/*.ipynb")]
+    for d in ("gram_jax", "configs", "experiments", "benchmarks", "tests", "docs"):
+        texts += [p for p in (root / d).rglob("*") if p.suffix in {".py", ".md"}]
+    cited = [str(p.relative_to(root)) for p in texts if outside.search(p.read_text())]
+    assert not cited, f"files citing documents outside the repository: {cited}"
