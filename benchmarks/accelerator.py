@@ -236,6 +236,8 @@ def section_environment(sizes: Sizes, budget: Budget, out: dict, save: Callable)
             "backend": jax.default_backend(),
             "device_kind": dev.device_kind,
             "device_count": jax.device_count(),
+            # JAX falls back to the CPU, with a warning only, when its CUDA plugin fails.
+            "accelerator_found": dev.platform != "cpu",
             "memory_bytes_limit": device_memory_limit(),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
@@ -347,7 +349,7 @@ def unit_inputs(k: int, b: int, d: int, seed: int):
     import jax
     import jax.numpy as jnp
 
-    x = jax.random.normal(jax.random.PRNGKey(seed), (k, b, d), jnp.float32)
+    x = jax.random.normal(jax.random.key(seed), (k, b, d), jnp.float32)
     x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     return tuple(x[i] for i in range(k))
 
@@ -441,7 +443,7 @@ def volume_case(
 
     xs = unit_inputs(k, b, sizes.dim, seed=b * 10 + k)
     cots = tuple(
-        jax.random.normal(jax.random.PRNGKey(m), (b, b), jnp.float32) / b for m in range(k - 1)
+        jax.random.normal(jax.random.key(m), (b, b), jnp.float32) / b for m in range(k - 1)
     )
     result.update({"D": sizes.dim, "by_precision": {}})
     compiled: dict[str, object] = {}
@@ -656,7 +658,7 @@ def measured_matmul_flops(n: int) -> dict:
     import jax.numpy as jnp
     from _timing import compile_timed, median_time
 
-    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.bfloat16) for i in (0, 1))
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
     compiled, _ = compile_timed(jax.jit(jnp.matmul), (a, b))
     jax.block_until_ready(compiled(a, b))
     s = median_time(lambda: compiled(a, b), 10)
