@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import median_time as _time  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from gram_jax.training.config import load_config  # noqa: E402
@@ -55,15 +54,6 @@ def _random_batch(config, sharding, seed=0):
     if config.data.two_views:
         out = {"view1": out, "view2": dict(out)}
     return jax.device_put(out, sharding)
-
-
-def _time(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:

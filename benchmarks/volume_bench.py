@@ -38,6 +38,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import interleaved, paired_ratio, ratio, temp_bytes
 
 from gram_jax.losses import gram_contrastive_loss, infonce_loss, smoothed_cross_entropy
 from gram_jax.volume import pairwise_volume
@@ -64,16 +65,16 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def floor_products(anchor, *others):
+def floor_products(anchor, *others, precision=_HIGHEST):
     """The k - 1 anchor-candidate matrix products and nothing else."""
-    return tuple(jnp.matmul(anchor, o.T, precision=_HIGHEST) for o in others)
+    return tuple(jnp.matmul(anchor, o.T, precision=precision) for o in others)
 
 
-def dense_volume(anchor, *others):
+def dense_volume(anchor, *others, precision=_HIGHEST):
     """The authors' ``volume_computation`` in JAX: (B1, B2, k, k) Gram tensor + det per pair."""
     b1, b2 = anchor.shape[0], others[0].shape[0]
     aa = jnp.broadcast_to(jnp.sum(anchor * anchor, -1)[:, None], (b1, b2))
-    a_dot = [jnp.matmul(anchor, o.T, precision=_HIGHEST) for o in others]
+    a_dot = [jnp.matmul(anchor, o.T, precision=precision) for o in others]
     inter = [
         [jnp.broadcast_to(jnp.sum(x * y, -1)[None, :], (b1, b2)) for y in others] for x in others
     ]
@@ -95,8 +96,8 @@ def ours_loss(anchor, *others):
     return gram_contrastive_loss(anchor, list(others), TAU, label_smoothing=SMOOTHING)[0]
 
 
-def dense_loss(anchor, *others):
-    return _loss_from_volume(dense_volume(anchor, *others))
+def dense_loss(anchor, *others, precision=_HIGHEST):
+    return _loss_from_volume(dense_volume(anchor, *others, precision=precision))
 
 
 def anchored_infonce(anchor, *others):
@@ -136,7 +137,7 @@ def torch_functions():
     def loss_fwd_bwd(*xs):
         xs = [x.detach().requires_grad_(True) for x in xs]
         vol = volume_computation(*xs)
-        target = torch.arange(vol.shape[0])
+        target = torch.arange(vol.shape[0], device=vol.device)
         f = torch.nn.functional.cross_entropy
         loss = 0.5 * (
             f(-vol / TAU, target, label_smoothing=SMOOTHING)
@@ -151,44 +152,6 @@ def torch_functions():
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-
-
-def temp_bytes(jitted, args) -> int:
-    analysis = jitted.lower(*args).compile().memory_analysis()
-    return int(analysis.temp_size_in_bytes)
-
-
-def timed(fn: Callable, args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-
-
-def interleaved(fns: dict[str, tuple[Callable, tuple]], repeats: int) -> dict[str, list[float]]:
-    """Warm each function up once, then time one call of each, round-robin, ``repeats`` times.
-
-    Odd rounds run in reverse order, so no function always follows the same other one.
-    """
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            fn, args = fns[name]
-            times[name].append(timed(fn, args))
-    return times
-
-
-def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float | None:
-    """Median over rounds of num / den measured back to back (robust to load drift)."""
-    if num not in times or den not in times:
-        return None
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
-
-
-def ratio(x: float | None, y: float | None) -> float | None:
-    return None if x is None or y is None or y == 0 else x / y
 
 
 def bench_case(
