@@ -197,6 +197,25 @@ def test_register_modality_rejects_builtins_and_non_configs():
     assert "mine" not in modalities.KINDS
 
 
+def test_spec_defaults_to_converting_zeros_and_like_reuses_a_data_path():
+    def to_channels(name, value):
+        return np.asarray(value, np.float16)[..., None].repeat(2, -1)
+
+    try:
+        kind = modalities.register_modality(
+            "test_pairs", encoder=nnx.Module, config=ImageConfig, convert=to_channels
+        )
+        assert kind.example_spec("x", (5, 3), np.int32) == {"x": ((5, 3, 2), np.dtype("float16"))}
+        gray = modalities.register_modality(
+            "test_text_like", encoder=nnx.Module, config=ImageConfig, like="text"
+        )
+        assert gray.data_kind == "text" and gray.claims is None  # claims are never inherited
+        assert set(gray.example_spec("t", (7,), np.int64)) == {"t", "t_mask"}
+    finally:
+        modalities.KINDS.pop("test_pairs", None)
+        modalities.KINDS.pop("test_text_like", None)
+
+
 def test_ambiguous_arrays_raise_asking_for_the_kind():
     depth_map = np.random.default_rng(0).uniform(0, 5, (8, 8)).astype(np.float32)
     with pytest.raises(ValueError, match=r"config\.model\.modalities\.depth\.kind"):
