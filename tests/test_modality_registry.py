@@ -130,7 +130,7 @@ def get_config():
     c.data.name = "toy_rgbd"
     c.data.augment = "default"
     c.model.modalities = {
-        "rgb": modality("image", "tiny", patch_size=4, depth=1),
+        "rgb": modality("image", "tiny", patch_size=4, depth=0),
         "depth": modality("depth", "tiny", patch_size=4),
     }
     c.model.anchor = "rgb"
