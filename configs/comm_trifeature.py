@@ -12,7 +12,8 @@ Encoders: the plan's 4-conv CNN (``modality("cnn", "tiny")``, what
 experiments/trifeature_repro.py uses) is not better than this ViT in our measurements (equal
 R / U after 100 unbiased steps; on biased pairs better U1 but S AUC 52 vs 73 at 800 steps) and
 costs ~1.7x more per step, so the ViT stays the default; switch with
-``--config.model.modalities.image1.kind=cnn --config.model.modalities.image2.kind=cnn``.
+``--config.model.modalities.image1.kind=cnn --config.model.modalities.image1.overrides={}``
+(and the same for ``image2``; the ViT's ``patch_size`` is not a CNN field).
 
 Unbiased pairs train R and U; for synergy pretrain on the biased pairs:
 ``--config.data.train_split=train_biased``.

@@ -42,7 +42,13 @@ RESULTS = ROOT / "experiments" / "results"
 CONFIGS = ROOT / "configs"
 
 # The CPU plan's CNN for both images (docs/authors_code.md 12), whatever the configs' default.
-CNN = ("model.modalities.image1.kind=cnn", "model.modalities.image2.kind=cnn")
+CNN = (
+    "model.modalities.image1.kind=cnn",
+    "model.modalities.image2.kind=cnn",
+    # the configs' ViT patch_size is not a CNNConfig field
+    "model.modalities.image1.overrides={}",
+    "model.modalities.image2.overrides={}",
+)
 # The tiny ViT with 16x16 patches: the same 4x4 token grid at 64x64.
 VIT = (
     "model.modalities.image1.kind=image",

@@ -88,3 +88,13 @@ __all__ = [
     "span_distance",
     "temperature_from_log",
 ]
+
+
+def __getattr__(name: str):
+    # register_modality lives with the models and data layers (Flax, TFDS): import on use so
+    # that `import gram_jax` stays the light functional core.
+    if name == "register_modality":
+        from gram_jax.modalities import register_modality
+
+        return register_modality
+    raise AttributeError(f"module 'gram_jax' has no attribute {name!r}")

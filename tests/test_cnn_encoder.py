@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gram_jax.models import CNNEncoder, CoMMModel, EncoderConfig, build_encoder, count_params
+from gram_jax.models import CNNConfig, CNNEncoder, CoMMModel, build_encoder, count_params
 from gram_jax.training.config import base_config, modality, validate
 
 X = np.random.default_rng(0).uniform(size=(3, 64, 64, 3)).astype(np.float32)
@@ -66,7 +66,7 @@ def test_custom_channels_and_presets():
     enc = build_encoder("cnn", "tiny", cnn_channels=(8, 64), cnn_kernels=(3, 3), cnn_strides=(2, 4))
     out = enc(X)
     assert out.grid == (8, 8) and out.tokens.shape == (3, 64, 64)  # 64 / 2 / 4 = 8
-    small = EncoderConfig.from_preset("small")
+    small = CNNConfig.from_preset("small")
     assert small.cnn_layer_channels == (192, 384, 384, 384)
 
 
@@ -80,7 +80,7 @@ def test_custom_channels_and_presets():
 )
 def test_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
-        EncoderConfig.from_preset("tiny", **overrides)
+        CNNConfig.from_preset("tiny", **overrides)
 
 
 def test_bad_inputs(tiny):
@@ -97,7 +97,7 @@ def test_bad_inputs(tiny):
 def test_comm_model_on_cnn_tokens():
     rngs = nnx.Rngs(0)
     encs = {m: build_encoder("cnn", "tiny", rngs=rngs) for m in ("image1", "image2")}
-    model = CoMMModel(encs, fusion_dim=64, projector_hidden=32, projector_out=16, rngs=rngs)
+    model = CoMMModel(encs, fusion_width=64, projector_hidden=32, projector_out=16, rngs=rngs)
     out = model({"image1": X, "image2": X[::-1]})
     assert out["embeddings"].shape == (3, 3, 16) and out["fused"].shape == (3, 3, 64)
     assert model.features({"image1": X, "image2": X[::-1]}).shape == (3, 64)

@@ -4,6 +4,9 @@
   for ``synthetic_trimodal`` (default), ``trifeature`` and ``embeddings`` (see
   ``gram_jax.data.registry`` and each dataset's module); ``register_dataset`` adds your own
   builder (a ``LocalBuilder`` subclass) under a name the trainer's ``data.name`` accepts.
+* ``register_modality(name, ...)`` (from ``gram_jax.modalities``) adds a modality kind (how
+  records convert and augment, its encoder and config) under a name ``config.model.modalities.
+  <m>.kind`` accepts.
 * ``make_iterator(source, batch_size=..., ...)``: checkpointable Grain iterator of
   (optionally mesh-sharded) batches; batch format in ``gram_jax.data.pipeline``.
 * ``NpzEmbeddingSource``: in-memory source of an embeddings ``.npz``.
@@ -54,7 +57,17 @@ __all__ = [
     "make_iterator",
     "prepare",
     "register_dataset",
+    "register_modality",
     "splits",
     "steps_per_epoch",
     "vocabulary",
 ]
+
+
+def __getattr__(name: str):
+    # gram_jax.modalities imports this package (the augmentations): re-export it lazily.
+    if name == "register_modality":
+        from gram_jax.modalities import register_modality
+
+        return register_modality
+    raise AttributeError(f"module 'gram_jax.data' has no attribute {name!r}")

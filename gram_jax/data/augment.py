@@ -2,9 +2,10 @@
 
 The pipeline derives each example's Generator from (seed, epoch, record index, view), so
 augmentation is deterministic, independent of worker count and resumable from a
-checkpoint. Inputs are already converted (see ``pipeline``): images float32 (H, W, 3) in
+checkpoint. Inputs are already converted (see ``gram_jax.modalities``): images float32 (H, W, 3) in
 [0, 1]; audio log-mel float32 (T, n_mels) standardised; text int32 (L,) ids, 0 = pad;
-features float32 (F,); waveform float32 (S,).
+features float32 (F,); waveform float32 (S,). Each kind's default augmentation is part of
+its registration in ``gram_jax.modalities``; an :class:`Augment` preset changes some of them.
 
 Defaults follow CoMM (docs/authors_code.md section 8) with two deliberate deviations: no hue
 jitter and no grayscale by default (they destroy the colour factors that synthetic_trimodal
@@ -17,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-KINDS = ("image", "audio", "text", "features", "waveform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,39 +139,48 @@ class WaveformAug:
 class Augment:
     """Augmentation per modality kind, with optional per-modality overrides.
 
-    ``overrides`` maps a modality name (e.g. ``"image2"``) to an augmentation or ``None``
-    (no augmentation for that modality). A kind set to ``None`` is not augmented.
+    ``kinds`` maps a kind's data name (``ModalityKind.data_kind``: ``"image"`` also for
+    ``cnn``) to an augmentation or ``None`` (not augmented); a kind not listed gets its
+    registered default (``gram_jax.modalities``) when ``defaults`` is True, else none.
+    ``overrides`` maps a modality name (e.g. ``"image2"``) to an augmentation or ``None``.
     """
 
-    image: ImageAug | None = ImageAug()
-    audio: AudioAug | None = AudioAug()
-    text: TextAug | None = TextAug()
-    features: FeatureAug | None = FeatureAug()
-    waveform: WaveformAug | None = WaveformAug()
+    kinds: tuple[tuple[str, object], ...] = ()
     overrides: tuple[tuple[str, object], ...] = ()
+    defaults: bool = True
 
-    def for_modality(self, name: str, kind: str):
-        """The augmentation callable for modality ``name`` of ``kind`` (or None)."""
+    def for_modality(self, name: str, kind):
+        """The augmentation callable for modality ``name`` of registered ``kind`` (or None).
+
+        ``kind`` is a ``gram_jax.modalities.ModalityKind`` (its ``data_kind`` and default
+        ``augment`` are read).
+        """
         over = dict(self.overrides)
         if name in over:
             return over[name]
-        if kind not in KINDS:
-            raise ValueError(f"unknown modality kind {kind!r}; expected one of {KINDS}")
-        return getattr(self, kind)
+        table = dict(self.kinds)
+        if kind.data_kind in table:
+            return table[kind.data_kind]
+        return kind.augment if self.defaults else None
+
+
+def per_kind(**kinds) -> Augment:
+    """``Augment`` with the given kinds' augmentations (others: registered defaults)."""
+    return Augment(kinds=tuple(kinds.items()))
 
 
 PRESETS = {
     "none": None,
     "default": Augment(),
     # CoMM section-9 "light": crop 0.3-1 + flip only for images; mild everything else.
-    "light": Augment(
+    "light": per_kind(
         image=ImageAug(jitter_p=0.0),
         audio=AudioAug(max_shift=2, mask_p=0.0, noise_std=0.05),
         text=TextAug(dropout=0.05),
         features=FeatureAug(drop_p=0.0),
     ),
     # SimCLR as in the CoMM repository (includes hue jitter and grayscale).
-    "simclr": Augment(image=ImageAug(crop_scale=(0.08, 1.0), hue=0.1, grayscale_p=0.2)),
+    "simclr": per_kind(image=ImageAug(crop_scale=(0.08, 1.0), hue=0.1, grayscale_p=0.2)),
 }
 
 
@@ -187,14 +195,7 @@ def resolve(augment) -> Augment | None:
             )
         return PRESETS[augment]
     if isinstance(augment, dict):
-        return Augment(
-            image=None,
-            audio=None,
-            text=None,
-            features=None,
-            waveform=None,
-            overrides=tuple(augment.items()),
-        )
+        return Augment(overrides=tuple(augment.items()), defaults=False)
     raise ValueError(
         f"augment must be None, a preset name, an Augment or a dict, got {type(augment).__name__}"
     )

@@ -13,6 +13,8 @@ key                            value (B = global batch size)
 ``<text modality>_mask``       bool (B, L), True on real tokens
 ``<features modality>``        float32 (B, F)
 ``<waveform modality>``        float32 (B, S)
+``<video modality>``           float32 (B, T, H, W, 3) in [0, 1]
+``<user kind modality>``       what its ``convert`` returns (``gram_jax.modalities``)
 ``label/<name>``               int32 (B,) for every ``factors/<name>`` / ``label/<name>``
 ``index``                      int32 (B,) the example's ``index`` field (else its position)
 =============================  ====================================================
@@ -41,65 +43,65 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gram_jax import modalities as modality_lib
 from gram_jax.data import augment as augment_lib
 
 LABEL_PREFIXES = ("factors/", "label/")
 
 
 def infer_modalities(record: Mapping) -> dict[str, str]:
-    """``{name: kind}`` from one record's values (kinds in ``augment.KINDS``).
+    """``{name: kind}`` from one record's values, by the registered kinds' ``claims``.
 
-    uint8 rank-3 -> image; float rank-2 -> audio; integer rank-1 -> text; float rank-1 ->
-    features (``waveform`` if the key is ``waveform``). Label keys, ``index`` and None
-    values are not modalities.
+    Built-in claims: uint8 (H, W, 3) -> image; uint8 (T, H, W, 3) -> video; integer rank-1
+    -> text; float rank-1 -> features. Label keys, ``index``, None values and scalars are not
+    modalities. Any other array (e.g. a float (H, W) array: a spectrogram or a depth map?)
+    raises ``ValueError`` asking for its kind (see ``gram_jax.modalities.infer_kind``).
     """
     out = {}
     for key, value in record.items():
         if value is None or key == "index" or key.startswith(LABEL_PREFIXES):
             continue
-        v = np.asarray(value)
-        if v.dtype == np.uint8 and v.ndim == 3:
-            out[key] = "image"
-        elif np.issubdtype(v.dtype, np.floating) and v.ndim == 2:
-            out[key] = "audio"
-        elif np.issubdtype(v.dtype, np.integer) and v.ndim == 1:
-            out[key] = "text"
-        elif np.issubdtype(v.dtype, np.floating) and v.ndim == 1:
-            out[key] = "waveform" if key == "waveform" else "features"
+        if np.ndim(value) == 0:
+            continue
+        out[key] = modality_lib.infer_kind(key, value)
     return out
 
 
-def _convert(name: str, kind: str, value) -> np.ndarray:
-    x = np.asarray(value)
-    if kind == "image":
-        if x.ndim != 3 or x.shape[-1] != 3:
-            raise ValueError(f"modality {name!r}: expected an (H, W, 3) image, got {x.shape}")
-        return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    if kind == "audio":
-        if x.ndim != 2:
-            raise ValueError(
-                f"modality {name!r}: expected a (T, n_mels) spectrogram, got {x.shape}"
-            )
-        x = x.astype(np.float32)
-        return (x - x.mean()) / (x.std() + 1e-5)
-    if kind == "text":
-        if x.ndim != 1:
-            raise ValueError(f"modality {name!r}: expected (L,) token ids, got {x.shape}")
-        return x.astype(np.int32)
-    if kind in ("features", "waveform"):
-        if x.ndim != 1:
-            raise ValueError(f"modality {name!r}: expected a vector, got {x.shape}")
-        return x.astype(np.float32)
-    raise ValueError(f"unknown modality kind {kind!r}; expected one of {augment_lib.KINDS}")
+def record_spec(name: str, **config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Stored ``{field: (shape, dtype)}`` of the records of registered dataset ``name``.
+
+    Read from the TFDS builder's ``info.features`` (tensor fields; scalars included), without
+    generating or reading data, so a user-registered dataset needs no shape table. A builder
+    whose training records are not its stored features (Trifeature's pair records join two
+    images) provides ``record_features() -> {field: tfds feature}``.
+    """
+    import tempfile
+
+    from gram_jax.data import registry
+
+    cfg = registry.make_config(name, **config)
+    builder_cls, _ = registry.DATASETS[name]
+    # The builder only describes itself here: an empty private data_dir keeps it from
+    # looking at (or locking) prepared data.
+    with tempfile.TemporaryDirectory() as tmp:
+        builder = builder_cls(config="default" if cfg.name == "default" else cfg, data_dir=tmp)
+        hook = getattr(builder, "record_features", None)
+        features = dict(hook() if hook is not None else builder.info.features.items())
+    out = {}
+    for key, feature in features.items():
+        shape, dtype = getattr(feature, "shape", None), getattr(feature, "np_dtype", None)
+        if shape is not None and dtype is not None and None not in tuple(shape):
+            out[key] = (tuple(shape), np.dtype(dtype))
+    return out
 
 
 class _Transform:
     """Record -> model-ready example (picklable, so grain workers can run it)."""
 
-    def __init__(self, modalities, aug, seed, shard_len, two_views):
-        self.modalities = modalities
+    def __init__(self, kinds, aug, seed, shard_len, two_views):
+        self.kinds = kinds  # {modality: ModalityKind}
         self.augs = (
-            {m: aug.for_modality(m, k) for m, k in modalities.items()} if aug is not None else None
+            {m: aug.for_modality(m, k) for m, k in kinds.items()} if aug is not None else None
         )
         self.seed = seed
         self.shard_len = shard_len
@@ -110,18 +112,18 @@ class _Transform:
         rng = None
         if self.augs is not None:
             rng = np.random.default_rng([self.seed, epoch, rec_index, view])
-        for name, kind in self.modalities.items():
+        for name, kind in self.kinds.items():
             if name not in record or record[name] is None:
                 raise ValueError(
                     f"modality {name!r} missing from the record (keys: "
                     f"{sorted(k for k, v in record.items() if v is not None)})"
                 )
-            x = _convert(name, kind, record[name])
+            x = kind.convert(name, record[name])
             if rng is not None and self.augs[name] is not None:
                 x = self.augs[name](x, rng)
             out[name] = x
-            if kind == "text":
-                out[f"{name}_mask"] = x != 0
+            if kind.mask is not None:
+                out[f"{name}_mask"] = kind.mask(x)
         return out
 
     def __call__(self, position, item):
@@ -225,15 +227,18 @@ def make_dataset(
 
     first = source[0]
     if modalities is None:
-        modalities = getattr(source, "modalities", None) or infer_modalities(first)
+        modalities = modality_lib.declared_kinds(source) or infer_modalities(first)
     modalities = dict(modalities)
     if not modalities:
         raise ValueError(f"no modality found in the source's records (keys: {sorted(first)})")
+    kinds = {}
     for name, kind in modalities.items():
-        if kind not in augment_lib.KINDS:
+        if kind not in modality_lib.KINDS:
             raise ValueError(
-                f"unknown kind {kind!r} for modality {name!r}; expected one of {augment_lib.KINDS}"
+                f"unknown kind {kind!r} for modality {name!r}; expected one of "
+                f"{sorted(modality_lib.KINDS)}"
             )
+        kinds[name] = modality_lib.KINDS[kind]
         if first.get(name) is None:
             raise ValueError(
                 f"unknown modality {name!r}: not in the source's records "
@@ -247,15 +252,13 @@ def make_dataset(
                 f"augmentation for unknown modality {sorted(unknown)}; "
                 f"modalities are {sorted(modalities)}"
             )
-        for name, kind in modalities.items():
-            aug.for_modality(name, kind)
 
     ds = grain.MapDataset.source(source).map_with_index(_with_position)
     ds = ds[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_Transform(modalities, aug, seed, shard_len, two_views))
+    ds = ds.map_with_index(_Transform(kinds, aug, seed, shard_len, two_views))
     ds = ds.batch(local_batch, drop_remainder=drop_remainder)
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
@@ -304,8 +307,10 @@ def make_iterator(
         the same for any count, but a state saved with one count restores only with the
         same count (grain's state layouts differ).
       drop_remainder: drop the last incomplete batch.
-      modalities: ``{name: kind}`` to select / override the modalities; default: the
-        source's ``modalities`` attribute or ``infer_modalities`` of its first record.
+      modalities: ``{name: kind}`` (registered kinds, ``gram_jax.modalities``) to select /
+        override the modalities; default: the kinds the source declares (its ``modalities``
+        attribute or TFDS metadata ``modalities``), else ``infer_modalities`` of its first
+        record, which raises on an array of ambiguous kind.
       process_index, process_count: override ``jax.process_index()/process_count()``.
       read_threads, prefetch: grain ``ReadOptions`` (threads, batches read ahead).
 

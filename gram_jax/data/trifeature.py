@@ -390,6 +390,16 @@ class Trifeature(LocalBuilder):
             ),
         )
 
+    def record_features(self) -> dict:
+        """Features of a pair record (``TrifeaturePairSource``): two images + labels."""
+        feats = self.info.features
+        return {
+            "image1": feats["image"],
+            "image2": feats["image"],
+            **{f"label/{k}": feats[f"label/{k}"] for k in LABELS},
+            "index": feats["index"],
+        }
+
     def _split_generators(self, dl_manager):
         del dl_manager
         c = self.builder_config

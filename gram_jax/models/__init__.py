@@ -1,12 +1,15 @@
 """Flax NNX models: modality encoders, projection heads, GRAM and CoMM models, DAM head.
 
 Public API:
-  EncoderConfig, PRESETS, build_encoder           (config.py, factory.py)
+  EncoderConfig (shared trunk) and ImageConfig, AudioConfig, WaveformConfig, TextConfig,
+  FeatureConfig, CNNConfig (one per encoder family), PRESETS, build_encoder
+                                                   (config.py, factory.py; modality kinds
+                                                   are registered in gram_jax.modalities)
   EncoderOutput, ImageEncoder, VideoEncoder, AudioEncoder, WaveformEncoder, TextEncoder,
   FeatureEncoder                                   (encoders.py)
   CNNEncoder                                       (cnn.py)
   ProjectionHead, LearnableTemperature, SigLIPScaleBias, l2_normalize   (heads.py)
-  GramModel                                        (gram_model.py)
+  TowerModel (alias GramModel)                     (gram_model.py)
   masked_pairwise_volume                           (masking.py)
   CoMMModel                                        (comm.py)
   MatchingHead                                     (matching.py)
@@ -15,7 +18,16 @@ Public API:
 
 from gram_jax.models.cnn import CNNEncoder
 from gram_jax.models.comm import CoMMModel, CoMMProjector, FusionTransformer, InputAdapter
-from gram_jax.models.config import PRESETS, EncoderConfig
+from gram_jax.models.config import (
+    PRESETS,
+    AudioConfig,
+    CNNConfig,
+    EncoderConfig,
+    FeatureConfig,
+    ImageConfig,
+    TextConfig,
+    WaveformConfig,
+)
 from gram_jax.models.encoders import (
     AudioEncoder,
     EncoderOutput,
@@ -25,8 +37,8 @@ from gram_jax.models.encoders import (
     VideoEncoder,
     WaveformEncoder,
 )
-from gram_jax.models.factory import ENCODERS, build_encoder, count_params, param_table
-from gram_jax.models.gram_model import GramModel
+from gram_jax.models.factory import build_encoder, count_params, param_table
+from gram_jax.models.gram_model import GramModel, TowerModel
 from gram_jax.models.heads import (
     LearnableTemperature,
     ProjectionHead,
@@ -38,28 +50,34 @@ from gram_jax.models.masking import masked_pairwise_gram, masked_pairwise_volume
 from gram_jax.models.matching import MatchingHead
 
 __all__ = [
-    "ENCODERS",
     "PRESETS",
     "Attention",
+    "AudioConfig",
     "AudioEncoder",
+    "CNNConfig",
     "CNNEncoder",
     "CoMMModel",
     "CoMMProjector",
     "EncoderConfig",
     "EncoderOutput",
+    "FeatureConfig",
     "FeatureEncoder",
     "FusionTransformer",
     "GramModel",
+    "ImageConfig",
     "ImageEncoder",
     "InputAdapter",
     "LearnableTemperature",
     "MatchingHead",
     "ProjectionHead",
     "SigLIPScaleBias",
+    "TextConfig",
     "TextEncoder",
+    "TowerModel",
     "Transformer",
     "TransformerBlock",
     "VideoEncoder",
+    "WaveformConfig",
     "WaveformEncoder",
     "build_encoder",
     "count_params",

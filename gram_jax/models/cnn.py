@@ -13,7 +13,7 @@ and PyTorch-style symmetric padding ``k_i // 2``:
 
     tokens = h_n reshaped (B, H_n W_n, W) row-major,   pooled = mean over the tokens (B, W)
 
-Channels default to ``(W // 2, W, ..., W)`` (``EncoderConfig.cnn_layer_channels``), so the
+Channels default to ``(W // 2, W, ..., W)`` (``CNNConfig.cnn_layer_channels``), so the
 ``tiny`` preset (W = 64) is exactly the plan's CNN and larger presets widen it. Kernels use
 PyTorch's default init (U(+-1/sqrt(fan_in)), as the prototype the plan measured). There is no
 positional embedding here: a conv map is already spatially ordered, and ``grid = (H_n, W_n)``
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from gram_jax.models.config import EncoderConfig
+from gram_jax.models.config import CNNConfig
 from gram_jax.models.encoders import EncoderOutput
 from gram_jax.models.layers import torch_default_bias_init
 
@@ -40,7 +40,7 @@ class CNNEncoder(nnx.Module):
     See the module docstring for the layer formula. ``cfg.in_channels`` must match C.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: CNNConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         chans = (cfg.in_channels, *cfg.cnn_layer_channels)
         layers = []

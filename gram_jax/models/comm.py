@@ -197,7 +197,7 @@ class CoMMModel(nnx.Module):
     Args:
       encoders: modality -> encoder (returns :class:`EncoderOutput`, exposes ``.width``); the
         dict order is the modality order (mask ``e_i`` keeps the i-th modality).
-      fusion_dim: D (512 in the paper; divisible by 4 and by ``num_heads``).
+      fusion_width: D (512 in the paper; divisible by 4 and by ``num_heads``).
       num_heads, num_layers, mlp_ratio: fusion transformer (8, 1, 4 as the authors).
       projector_hidden, projector_out: projector widths (512, 256).
       bn_axis_name: mesh/pmap axis to synchronise BatchNorm statistics over when called
@@ -209,7 +209,7 @@ class CoMMModel(nnx.Module):
         self,
         encoders: Mapping[str, nnx.Module],
         *,
-        fusion_dim: int = 512,
+        fusion_width: int = 512,
         num_heads: int = 8,
         num_layers: int = 1,
         mlp_ratio: float = 4.0,
@@ -223,20 +223,22 @@ class CoMMModel(nnx.Module):
     ):
         if len(encoders) < 1:
             raise ValueError("CoMMModel needs at least one encoder")
-        if fusion_dim % num_heads:
-            raise ValueError(f"fusion_dim {fusion_dim} is not divisible by num_heads {num_heads}")
+        if fusion_width % num_heads:
+            raise ValueError(
+                f"fusion_width {fusion_width} is not divisible by num_heads {num_heads}"
+            )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.modalities = tuple(encoders)
-        self.fusion_dim = fusion_dim
+        self.fusion_width = fusion_width
         self.encoders = nnx.Dict(dict(encoders))
         self.adapters = nnx.Dict(
-            {m: InputAdapter(enc.width, fusion_dim, **kw) for m, enc in encoders.items()}
+            {m: InputAdapter(enc.width, fusion_width, **kw) for m, enc in encoders.items()}
         )
         self.fusion = FusionTransformer(
-            fusion_dim, num_heads=num_heads, num_layers=num_layers, mlp_ratio=mlp_ratio, **kw
+            fusion_width, num_heads=num_heads, num_layers=num_layers, mlp_ratio=mlp_ratio, **kw
         )
         self.projector = CoMMProjector(
-            fusion_dim,
+            fusion_width,
             projector_hidden,
             projector_out,
             bn_axis_name=bn_axis_name,

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from gram_jax.models.config import EncoderConfig
+from gram_jax.models.config import (
+    AudioConfig,
+    EncoderConfig,
+    FeatureConfig,
+    ImageConfig,
+    TextConfig,
+    WaveformConfig,
+)
 from gram_jax.models.layers import Mlp, Transformer, sincos_1d, sincos_2d
 
 __all__ = [
@@ -138,7 +145,7 @@ class ImageEncoder(nnx.Module):
     (p * p * C) pixels; fixed 2-D sin-cos positions, so any H, W divisible by p work.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ImageConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         p, c = cfg.patch_size, cfg.in_channels
         self.patch_embed = nnx.Linear(
@@ -183,7 +190,7 @@ class VideoEncoder(nnx.Module):
     (frame pooling, as VAST/GRAM average frame features). ``grid = (T, h, w)``.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ImageConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.frame_encoder = ImageEncoder(cfg, rngs=rngs)
 
@@ -216,7 +223,7 @@ class AudioEncoder(nnx.Module):
     ``n_mels`` must equal ``cfg.n_mels``.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: AudioConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pt, pf = cfg.audio_patch
         if cfg.n_mels % pf:
@@ -253,7 +260,7 @@ class WaveformEncoder(nnx.Module):
     ``S_i = floor((S_{i-1} - k_i) / s_i) + 1`` (need ``S' >= 1``).
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: WaveformConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         chans = (1, *cfg.waveform_channels)
         self.convs = nnx.List(
@@ -314,7 +321,7 @@ class TextEncoder(nnx.Module):
     out-of-range id gets a NaN embedding (``jnp.take``'s fill mode), which fails loudly.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size,
@@ -356,7 +363,7 @@ class FeatureEncoder(nnx.Module):
     ``tokens = z[:, None]``, ``token_mask`` all True, ``pooled = z``.
     """
 
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: FeatureConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.inp = nnx.Linear(cfg.in_features, cfg.width, **kw)

@@ -1,16 +1,8 @@
-"""Encoder registry / factory and parameter accounting.
+"""Encoder factory and parameter accounting.
 
-``build_encoder(kind, preset, **overrides)`` builds one of
-
-    "image" -> ImageEncoder     (B, H, W, C) float
-    "video" -> VideoEncoder     (B, T, H, W, C) float
-    "audio" -> AudioEncoder     (B, T, n_mels) float (log-mel)
-    "waveform" -> WaveformEncoder (B, S) float
-    "text" -> TextEncoder       (B, L) int ids, 0 = pad
-    "features" -> FeatureEncoder (B, F) float
-    "cnn" -> CNNEncoder         (B, H, W, C) float (strided conv stack, docs/authors_code.md 12)
-
-from :class:`EncoderConfig.from_preset(preset, **overrides)`.
+``build_encoder(kind, preset, **overrides)`` builds the encoder of a registered modality kind
+(``gram_jax.modalities``: image, cnn, video, audio, waveform, text, features, or a user's own)
+from its config dataclass, ``config.from_preset(preset, **overrides)``.
 """
 
 from __future__ import annotations
@@ -22,28 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gram_jax.models.cnn import CNNEncoder
-from gram_jax.models.config import EncoderConfig
-from gram_jax.models.encoders import (
-    AudioEncoder,
-    FeatureEncoder,
-    ImageEncoder,
-    TextEncoder,
-    VideoEncoder,
-    WaveformEncoder,
-)
+from gram_jax import modalities as modality_lib
 
-__all__ = ["ENCODERS", "build_encoder", "count_params", "param_table", "param_counts"]
-
-ENCODERS: dict[str, type[nnx.Module]] = {
-    "image": ImageEncoder,
-    "video": VideoEncoder,
-    "audio": AudioEncoder,
-    "waveform": WaveformEncoder,
-    "text": TextEncoder,
-    "features": FeatureEncoder,
-    "cnn": CNNEncoder,
-}
+__all__ = ["build_encoder", "count_params", "param_table", "param_counts"]
 
 
 def build_encoder(
@@ -54,15 +27,13 @@ def build_encoder(
     seed: int = 0,
     **overrides: Any,
 ) -> nnx.Module:
-    """Build an encoder of ``kind`` (see module docstring) from a preset plus overrides.
+    """Build an encoder of ``kind`` (a registered modality kind) from a preset plus overrides.
 
     ``rngs`` defaults to ``nnx.Rngs(seed)``. Unknown kinds, presets or config fields raise
     ``ValueError``.
     """
-    if kind not in ENCODERS:
-        raise ValueError(f"unknown encoder kind {kind!r}; expected one of {sorted(ENCODERS)}")
-    cfg = EncoderConfig.from_preset(preset, **overrides)
-    return ENCODERS[kind](cfg, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+    rngs = rngs if rngs is not None else nnx.Rngs(seed)
+    return modality_lib.build_encoder(kind, preset, rngs=rngs, **overrides)
 
 
 def _path_str(path) -> tuple[str, ...]:

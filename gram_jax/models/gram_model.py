@@ -1,18 +1,15 @@
-"""``GramModel``: per-modality encoders + projection heads with a named anchor modality.
+"""``TowerModel``: per-modality encoders + projection heads with a named anchor modality.
 
     z_m = ProjectionHead_m(Encoder_m(x_m).pooled)        (B, D), ||z_m|| = 1
 
-The anchor (text in GRAM) is row 0 of every Gram matrix; the other modalities form the
-candidates. ``present[m]`` (B,) bool marks which examples actually have modality m; absent
-examples' embeddings are set to 0 and :meth:`GramModel.pairwise_volume` takes the volume over
-the present modalities only (:func:`gram_jax.models.masking.masked_pairwise_volume`: the absent
-modality's Gram row/column is replaced by the identity, which leaves the determinant equal to
-that of the present sub-Gram matrix). The encoders still run on the placeholder inputs (static
-shapes); only their outputs are masked. Rows whose ANCHOR is absent carry no signal: the loss
-should drop them (their embedding is the zero vector).
+One tower per modality, scored by whichever loss the task uses (GRAM volume, InfoNCE,
+SigLIP, Cross+Self); ``GramModel`` is its former name, kept as an alias. The anchor (text in
+GRAM) is row 0 of every Gram matrix; the other modalities form the candidates. Every example
+has every modality: there is no presence mask (a zero vector standing in for a missing
+modality would score as a perfect volume-0 match).
 
 Inputs are a dict ``{modality: array, "<modality>_mask": bool (B, L) (optional)}``; any other
-key raises ``ValueError`` (filter batches with :meth:`GramModel.select_inputs`). Modalities
+key raises ``ValueError`` (filter batches with :meth:`TowerModel.select_inputs`). Modalities
 of the model missing from the inputs are skipped, except the anchor, which is required.
 """
 
@@ -21,16 +18,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from gram_jax.models.encoders import EncoderOutput
 from gram_jax.models.heads import LearnableTemperature, ProjectionHead
 from gram_jax.models.masking import masked_pairwise_volume
 from gram_jax.models.matching import MatchingHead
 
-__all__ = ["GramModel", "split_inputs"]
+__all__ = ["GramModel", "TowerModel", "split_inputs"]
 
 
 def split_inputs(
@@ -54,7 +50,7 @@ def split_inputs(
     return arrays, masks
 
 
-class GramModel(nnx.Module):
+class TowerModel(nnx.Module):
     """Modality encoders + projection heads to a shared ``embed_dim``, anchor ``anchor``.
 
     Args:
@@ -77,7 +73,7 @@ class GramModel(nnx.Module):
         matching_head: MatchingHead | None = None,
     ):
         if not encoders:
-            raise ValueError("GramModel needs at least one encoder")
+            raise ValueError("TowerModel needs at least one encoder")
         if anchor not in encoders:
             raise ValueError(f"anchor {anchor!r} is not one of the encoders {list(encoders)}")
         self.modalities = tuple(encoders)
@@ -96,42 +92,22 @@ class GramModel(nnx.Module):
         keep = set(self.modalities) | {f"{m}_mask" for m in self.modalities}
         return {k: v for k, v in batch.items() if k in keep}
 
-    def __call__(
-        self,
-        inputs: Mapping[str, Array],
-        present: Mapping[str, Bool[Array, " b"]] | None = None,
-    ) -> dict[str, Any]:
+    def __call__(self, inputs: Mapping[str, Array]) -> dict[str, Any]:
         """Encode and project every modality in ``inputs``.
 
-        Returns ``{"embeddings": {m: (B, D)}, "encoder_outputs": {m: EncoderOutput},
-        "present": {m: (B,) bool}}`` (absent examples' embeddings are zero vectors).
+        Returns ``{"embeddings": {m: (B, D)}, "encoder_outputs": {m: EncoderOutput}}``.
         """
         arrays, masks = split_inputs(inputs, self.modalities)
         if self.anchor not in arrays:
             raise ValueError(f"the anchor modality {self.anchor!r} is missing from the inputs")
-        present = dict(present or {})
-        for m in present:
-            if m not in arrays:
-                raise ValueError(
-                    f"present mask given for {m!r}, which is not among the inputs {list(arrays)}"
-                )
-        embeddings, outputs, pres = {}, {}, {}
+        embeddings, outputs = {}, {}
         for m in self.modalities:
             if m not in arrays:
                 continue
             out: EncoderOutput = self.encoders[m](arrays[m], masks.get(m))
-            z = self.heads[m](out.pooled)
-            b = z.shape[0]
-            p = present.get(m)
-            if p is None:
-                p = jnp.ones((b,), bool)
-            elif jnp.shape(p) != (b,):
-                raise ValueError(f"present[{m!r}] must have shape ({b},), got {jnp.shape(p)}")
-            p = jnp.asarray(p).astype(bool)
-            embeddings[m] = jnp.where(p[:, None], z, 0.0)
+            embeddings[m] = self.heads[m](out.pooled)
             outputs[m] = out
-            pres[m] = p
-        return {"embeddings": embeddings, "encoder_outputs": outputs, "present": pres}
+        return {"embeddings": embeddings, "encoder_outputs": outputs}
 
     def pairwise_volume(
         self,
@@ -139,13 +115,11 @@ class GramModel(nnx.Module):
         *,
         anchor_embeddings: Float[Array, "b1 d"] | None = None,
         other_embeddings: Mapping[str, Float[Array, "b2 d"]] | None = None,
-        present_others: Mapping[str, Bool[Array, " b2"]] | None = None,
     ) -> Float[Array, "b1 b2"]:
-        """Volumes (B1, B2) of anchor i with the present other modalities of candidate j.
+        """Volumes (B1, B2) of anchor i with the other modalities of candidate j.
 
-        Uses ``outputs`` from :meth:`__call__`. ``anchor_embeddings`` / ``other_embeddings`` /
-        ``present_others`` override the respective entries (e.g. stop-gradient or
-        all-gathered copies for the loss; gather the presence masks together with them).
+        Uses ``outputs`` from :meth:`__call__`. ``anchor_embeddings`` / ``other_embeddings``
+        override the respective entries (e.g. stop-gradient or all-gathered copies).
         """
         emb = outputs["embeddings"]
         others = [m for m in self.others if m in emb]
@@ -153,9 +127,7 @@ class GramModel(nnx.Module):
             raise ValueError("pairwise_volume needs at least one non-anchor modality")
         a = emb[self.anchor] if anchor_embeddings is None else anchor_embeddings
         xs = [emb[m] if other_embeddings is None else other_embeddings[m] for m in others]
-        pres_src = outputs["present"] if present_others is None else present_others
-        pres = [pres_src[m] for m in others]
-        return masked_pairwise_volume(a, xs, pres)
+        return masked_pairwise_volume(a, xs)
 
     def match_logits(
         self,
@@ -165,18 +137,21 @@ class GramModel(nnx.Module):
     ) -> Float[Array, "p 2"]:
         """DAM logits (P, 2) of pairs (anchor ``anchor_idx[p]``, candidate ``candidate_idx[p]``).
 
-        The candidate is the concatenated token sequences of every other modality (absent
-        modalities' tokens are masked out). Needs ``matching_head``.
+        The candidate is the concatenated token sequences of every other modality (padding
+        tokens masked out). Needs ``matching_head``.
         """
         if self.matching is None:
-            raise ValueError("this GramModel was built without a matching_head")
+            raise ValueError("this TowerModel was built without a matching_head")
         enc = outputs["encoder_outputs"]
         a = enc[self.anchor]
         others = [m for m in self.others if m in enc]
         toks, msks = [], []
         for m in others:
             o = enc[m]
-            mask = o.token_mask & outputs["present"][m][:, None]
             toks.append(o.tokens[candidate_idx])
-            msks.append(mask[candidate_idx])
+            msks.append(o.token_mask[candidate_idx])
         return self.matching(a.tokens[anchor_idx], a.token_mask[anchor_idx], toks, msks)
+
+
+# The former name, from when the model served only the GRAM loss.
+GramModel = TowerModel

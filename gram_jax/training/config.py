@@ -14,12 +14,15 @@ full dotted key (``config.optim.lr``), so a user sees which setting is wrong.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import pathlib
 from typing import Any
 
 import ml_collections
+
+from gram_jax import modalities as modality_lib
 
 __all__ = [
     "ConfigError",
@@ -36,7 +39,6 @@ __all__ = [
 LOSSES = ("gram", "infonce", "siglip", "comm", "cross_self")
 LOSS_IMPLS = ("gspmd", "all_gather", "ring")
 SCHEDULES = ("cosine", "linear", "constant")
-ENCODER_KINDS = ("image", "video", "audio", "waveform", "text", "features", "cnn")
 PRESETS = ("tiny", "small", "base", "large")
 SCORES = ("volume", "span_distance", "cosine")
 
@@ -46,7 +48,8 @@ class ConfigError(ValueError):
 
 
 def modality(kind: str, preset: str = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
-    """One encoder entry: ``kind`` (encoder family), ``preset`` and ``EncoderConfig`` overrides."""
+    """One encoder entry: ``kind`` (a registered modality kind, ``gram_jax.modalities``),
+    ``preset`` and overrides of that kind's config dataclass (e.g. ``ImageConfig``)."""
     return ml_collections.ConfigDict(
         {"kind": kind, "preset": preset, "overrides": ml_collections.ConfigDict(overrides)}
     )
@@ -339,8 +342,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for field in ("kind", "preset"):
             if field not in mod:
                 raise ConfigError(f"config.{key}.{field}: missing")
-        _choice(config, f"{key}.kind", ENCODER_KINDS)
+        _choice(config, f"{key}.kind", tuple(modality_lib.KINDS))
         _choice(config, f"{key}.preset", PRESETS)
+        cfg_cls = modality_lib.KINDS[mod.kind].config
+        fields = sorted(f.name for f in dataclasses.fields(cfg_cls))
+        for field in (mod.get("overrides") or {}).keys():
+            if field not in fields:
+                raise ConfigError(
+                    f"config.{key}.overrides.{field}: not a field of {cfg_cls.__name__} (kind "
+                    f"{mod.kind!r}; after switching kinds, reset config.{key}.overrides={{}}); "
+                    f"fields: {fields}"
+                )
         for field in mod.keys():
             if field not in ("kind", "preset", "overrides"):
                 raise ConfigError(f"config.{key}.{field}: no such key (kind, preset, overrides)")

@@ -80,11 +80,8 @@ def _data_dir(config):
 
 
 # Encoder kinds whose inputs the data pipeline knows under another kind (a CNN reads images).
-_DATA_KINDS = {"cnn": "image"}
-
-
 def _modalities(config) -> dict[str, str]:
-    return {name: _DATA_KINDS.get(m.kind, m.kind) for name, m in config.model.modalities.items()}
+    return {name: m.kind for name, m in config.model.modalities.items()}
 
 
 def load_split(config, split: str):

@@ -258,39 +258,20 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
 
 def example_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     """Per-example model inputs ``{key: ShapeDtypeStruct}`` of a config's dataset, as the
-    Grain pipeline yields them, derived from the dataset's builder config without reading or
-    generating data (for lowering the step with abstract inputs)."""
-    import numpy as np
+    Grain pipeline yields them: the dataset's declared record fields
+    (:func:`gram_jax.data.pipeline.record_spec`) through each modality kind's registered
+    spec (``gram_jax.modalities``), without reading or generating data (for lowering the step
+    with abstract inputs)."""
+    from gram_jax import modalities
+    from gram_jax.data.pipeline import record_spec
 
-    from gram_jax.data import registry
-
-    builder = dict(config.data.builder)
     name = config.data.name
-    f32, i32 = jnp.float32, jnp.int32
-    if name == "synthetic_trimodal":
-        c = registry.make_config(name, **builder)
-        table = {
-            "image": ((c.image_size, c.image_size, 3), f32),
-            "audio": ((c.n_frames, c.n_mels), f32),
-            "text": ((c.text_length,), i32),
-            "text_mask": ((c.text_length,), jnp.bool_),
-        }
-    elif name == "trifeature":
-        c = registry.make_config(name, **builder)
-        img = ((c.render_size, c.render_size, 3), f32)
-        table = {"image1": img, "image2": img}
-    elif name == "embeddings":
-        with np.load(builder["npz_path"]) as z:
-            table = {k: (z[k].shape[1:], f32) for k in z.files}
-    else:
-        raise ValueError(f"no shape table for dataset {name!r}")
+    fields = record_spec(name, **dict(config.data.builder))
     keep = {}
-    for m in config.model.modalities:
-        if m not in table:
-            raise ValueError(f"modality {m!r} is not a field of dataset {name!r}: {sorted(table)}")
-        keep[m] = table[m]
-        if f"{m}_mask" in table:
-            keep[f"{m}_mask"] = table[f"{m}_mask"]
+    for m, mod in config.model.modalities.items():
+        if m not in fields:
+            raise ValueError(f"modality {m!r} is not a field of dataset {name!r}: {sorted(fields)}")
+        keep.update(modalities.example_spec(mod.kind, m, *fields[m]))
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in keep.items()}
 
 

@@ -43,6 +43,7 @@ from gram_jax.models import (
     GramModel,
     MatchingHead,
     SigLIPScaleBias,
+    TowerModel,
     build_encoder,
     l2_normalize,
 )
@@ -73,7 +74,7 @@ def _encoders(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> dict[str, nn
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
-    """The NNX model of a config (``GramModel`` or ``CoMMModel``), parameters from ``seed``."""
+    """The NNX model of a config (``TowerModel`` or ``CoMMModel``), parameters from ``seed``."""
     rngs = nnx.Rngs(config.seed if seed is None else seed)
     m = config.model
     encoders = _encoders(config, rngs)
@@ -81,7 +82,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> n
         hidden, out = tuple(m.projector_dims)
         return CoMMModel(
             encoders,
-            fusion_dim=m.fusion_width,
+            fusion_width=m.fusion_width,
             num_heads=m.fusion_heads,
             num_layers=m.fusion_depth,
             projector_hidden=hidden,
@@ -100,7 +101,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> n
             dtype=_DTYPES[m.dtype],
             rngs=rngs,
         )
-    model = GramModel(
+    model = TowerModel(
         encoders,
         m.embed_dim,
         m.anchor,
@@ -223,7 +224,6 @@ class GramTask(Task):
             outputs = {
                 "embeddings": z,
                 "encoder_outputs": emb["enc"],
-                "present": {m: jnp.ones(anchor.shape[:1], bool) for m in z},
             }
             # Hard negatives are drawn from the volumes; no gradient flows through sampling.
             vol = jax.lax.stop_gradient(model.pairwise_volume(outputs))
