@@ -5,9 +5,9 @@
 The anchor (text in GRAM) is row 0 of every Gram matrix; the other modalities form the
 candidates. ``present[m]`` (B,) bool marks which examples actually have modality m; absent
 examples' embeddings are set to 0 and :meth:`GramModel.pairwise_volume` takes the volume over
-the present modalities only (:func:`gram_jax.models.masking.masked_pairwise_volume`: the absent
-modality's Gram row/column is replaced by the identity, which leaves the determinant equal to
-that of the present sub-Gram matrix). The encoders still run on the placeholder inputs (static
+the present modalities only (:func:`gram_jax.volume.masked_pairwise_volume`: the absent
+modality drops out of the Gram matrix, so the determinant is that of the present sub-Gram
+matrix). The encoders still run on the placeholder inputs (static
 shapes); only their outputs are masked. Rows whose ANCHOR is absent carry no signal: the loss
 should drop them (their embedding is the zero vector).
 
@@ -27,8 +27,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gram_jax.models.encoders import EncoderOutput
 from gram_jax.models.heads import LearnableTemperature, ProjectionHead
-from gram_jax.models.masking import masked_pairwise_volume
 from gram_jax.models.matching import MatchingHead
+from gram_jax.volume import masked_pairwise_volume
 
 __all__ = ["GramModel", "split_inputs"]
 
