@@ -3,15 +3,20 @@
 For every batch size B and number of modalities k (D = 512 by default) it measures, in the same
 process and interleaved round by round (so load from other processes hits all alike):
 
-- ``ours_volume``: :func:`gram_jax.pairwise_volume` (k - 1 GEMMs + the adjugate polynomial);
+- ``ours_volume``: :func:`gram_jax.pairwise_volume` (a Gram-Schmidt basis per candidate, k - 1
+  GEMMs against it and an elementwise sum of squares);
+- ``adjugate_volume``: the previous formulation of ``pairwise_volume`` (k - 1 GEMMs against the
+  candidate vectors and the polynomial ``(a.a) det M - u^T adj(M) u``), kept here as the
+  baseline (it loses all precision on aligned tuples: ``docs/precision.md``);
 - ``floor``: the bare k - 1 matrix products ``anchor @ others[m].T`` (a lower bound for any
   method that needs every anchor-candidate dot product);
 - ``dense_volume``: the authors' formulation in JAX, a (B, B, k, k) Gram tensor and
   ``jnp.linalg.det`` per pair, then ``sqrt(abs(det))``;
 - ``torch_volume``: the authors' ``volume_computation`` ported to PyTorch (Gram tensor, batched
   ``torch.det``, ``sqrt(abs)``), only if ``torch`` is importable;
-- ``ours_loss`` / ``dense_loss`` / ``torch_loss``: the GRAM contrastive loss (both directions,
-  label smoothing 0.1, exact gradient), forward + backward w.r.t. all k inputs;
+- ``ours_loss`` / ``adjugate_loss`` / ``dense_loss`` / ``torch_loss``: the GRAM contrastive
+  loss (both directions, label smoothing 0.1, exact gradient), forward + backward w.r.t. all k
+  inputs;
 - ``infonce_loss``: anchored InfoNCE over the same k - 1 (anchor, modality) pairs per item pair,
   forward + backward.
 
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gram_jax.losses import gram_contrastive_loss, infonce_loss, smoothed_cross_entropy
-from gram_jax.volume import pairwise_volume
+from gram_jax.volume import _gemm, pairwise_volume
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 TAU = 0.07
@@ -69,6 +74,47 @@ def floor_products(anchor, *others):
     return tuple(jnp.matmul(anchor, o.T, precision=_HIGHEST) for o in others)
 
 
+def _minor_det(entries, rows, cols, memo):
+    """Laplace expansion along the first row with shared sub-minors (the previous code)."""
+    key = (rows, cols)
+    if key not in memo:
+        if len(rows) == 1:
+            memo[key] = entries[rows[0]][cols[0]]
+        else:
+            out = 0.0
+            for j, c in enumerate(cols):
+                term = entries[rows[0]][c] * _minor_det(
+                    entries, rows[1:], cols[:j] + cols[j + 1 :], memo
+                )
+                out = out - term if j % 2 else out + term
+            memo[key] = out
+    return memo[key]
+
+
+def adjugate_volume(anchor, *others):
+    """The previous ``pairwise_volume``: ``sqrt((a.a) det M - u^T adj(M) u)``, u by k-1 GEMMs."""
+    n = len(others)
+    m = [[jnp.sum(others[r] * others[c], -1) for c in range(n)] for r in range(n)]
+    memo: dict = {}
+    full = tuple(range(n))
+    det_m = _minor_det(m, full, full, memo)
+
+    def adj(i, j):
+        if n == 1:
+            return jnp.ones_like(det_m)
+        minor = _minor_det(m, full[:j] + full[j + 1 :], full[:i] + full[i + 1 :], memo)
+        return -minor if (i + j) % 2 else minor
+
+    u = [_gemm(anchor, o) for o in others]
+    quad = 0.0
+    for r in range(n):
+        quad = quad + adj(r, r)[None] * u[r] * u[r]
+        for c in range(r + 1, n):
+            quad = quad + 2.0 * adj(r, c)[None] * u[r] * u[c]
+    aa = jnp.sum(anchor * anchor, -1)[:, None]
+    return jnp.sqrt(jnp.maximum(aa * det_m[None] - quad, 0.0))
+
+
 def dense_volume(anchor, *others):
     """The authors' ``volume_computation`` in JAX: (B1, B2, k, k) Gram tensor + det per pair."""
     b1, b2 = anchor.shape[0], others[0].shape[0]
@@ -93,6 +139,10 @@ def _loss_from_volume(vol):
 
 def ours_loss(anchor, *others):
     return gram_contrastive_loss(anchor, list(others), TAU, label_smoothing=SMOOTHING)[0]
+
+
+def adjugate_loss(anchor, *others):
+    return _loss_from_volume(adjugate_volume(anchor, *others))
 
 
 def dense_loss(anchor, *others):
@@ -201,9 +251,11 @@ def bench_case(
 
     jitted = {
         "ours_volume": jax.jit(pairwise_volume),
+        "adjugate_volume": jax.jit(adjugate_volume),
         "floor": jax.jit(floor_products),
         "dense_volume": jax.jit(dense_volume),
         "ours_loss": jax.jit(fwd_bwd(ours_loss, k)),
+        "adjugate_loss": jax.jit(fwd_bwd(adjugate_loss, k)),
         "infonce_loss": jax.jit(fwd_bwd(anchored_infonce, k)),
         "dense_loss": jax.jit(fwd_bwd(dense_loss, k)),
     }
@@ -214,7 +266,8 @@ def bench_case(
         if memory[name] > mem_limit * 2**30
     }
 
-    fast = {n: (jitted[n], args) for n in ("ours_volume", "floor", "ours_loss", "infonce_loss")}
+    fast_names = ("ours_volume", "adjugate_volume", "floor", "ours_loss", "adjugate_loss")
+    fast = {n: (jitted[n], args) for n in (*fast_names, "infonce_loss")}
     times = interleaved(fast, repeats)
     slow = {n: (jitted[n], args) for n in ("dense_volume", "dense_loss") if n not in skipped}
     if torch_fns is not None:
@@ -228,6 +281,10 @@ def bench_case(
     ratios = {
         "ours_over_floor": paired_ratio(times, "ours_volume", "floor"),
         "ours_over_floor_of_medians": ratio(med.get("ours_volume"), med.get("floor")),
+        "adjugate_over_floor": paired_ratio(times, "adjugate_volume", "floor"),
+        "ours_over_adjugate": paired_ratio(times, "ours_volume", "adjugate_volume"),
+        "adjugate_loss_over_infonce": paired_ratio(times, "adjugate_loss", "infonce_loss"),
+        "loss_over_adjugate_loss": paired_ratio(times, "ours_loss", "adjugate_loss"),
         "dense_over_ours": ratio(med.get("dense_volume"), med.get("ours_volume")),
         "torch_over_ours": ratio(med.get("torch_volume"), med.get("ours_volume")),
         "loss_over_infonce": paired_ratio(times, "ours_loss", "infonce_loss"),
