@@ -10,14 +10,33 @@ this volume: small volume = aligned. Retrieval and the contrastive loss need it 
 candidate is the other k - 1 modalities of item j.
 
 **How it is computed here.** Write ``a`` for the anchor, ``C`` for the (k-1) x D stack of the
-candidate's vectors, ``M = C C^T`` and ``u = C a``. The block (Schur) determinant gives
+candidate's vectors, ``M = C C^T``. The block (Schur) determinant gives
 
-    det G = (a . a) det(M) - u^T adj(M) u,
+    det G = det(M) * d,    d = a.a - u^T M^-1 u = dist(a, span C)^2,    u = C a.
 
-with ``adj(M)`` the adjugate (``det(M) M^-1`` written as cofactors, so it exists and is exact when
-``M`` is singular). ``M``, ``adj(M)`` and ``det(M)`` depend on the candidate only; ``u`` for all
-pairs is k - 1 matrix products of (B1, D) x (D, B2). The rest is an elementwise polynomial over
-(B1, B2): no (B1, B2, k, k) tensor and no per-pair LU (the authors' code does both).
+Both factors come from an elimination that never forms a difference of large products:
+
+- per candidate (O(B2 k^2 D), once): Gram-Schmidt twice on the vectors ``c_0 .. c_{k-2}`` in
+  D-space gives an orthonormal basis ``q_r`` of span(C) and the pivots ``|r_r|^2`` of the
+  pivot-free ``LDL^T`` of ``M`` (``r_r`` = ``c_r`` minus its projection on the previous
+  ones), so ``det M = prod_r |r_r|^2`` to O(k eps) relative error;
+- per pair: ``d_ij = a_i.a_i - sum_r (a_i . q_jr)^2``, k - 1 matrix products of (B1, D) x
+  (D, B2) and an elementwise sum of squares over the (B1, B2) grid (:func:`anchor_residual`).
+
+No (B1, B2, k, k) tensor and no per-pair LU (the authors' code does both). The previous
+evaluation, ``(a.a) det M - u^T adj(M) u``, summed O(det M) terms that cancel down to the
+volume squared and lost every digit on aligned tuples; here the only cancellation left is the
+one no method built on float32 dot products avoids: ``d_ij`` is the difference of O(1) dot
+products, so it carries an absolute error ``~ sqrt(D) eps`` and a volume is accurate to
+``~ 4 sqrt(D) eps / dist^2`` relative (k = 2: nothing below ``vol ~ 1e-3`` at D = 512 is
+resolvable in float32; ``docs/precision.md`` has the table by decade, the floor per k and the
+float64 recipe). :func:`gram_volume` (one item at a time) does the anchor's step in D-space as
+well and has no such floor.
+
+**Missing modalities.** ``present_anchor`` / ``present_others`` masks drop a vector from the
+Gram matrix (its row and column become the identity's), so the volume is that of the pair's
+present vectors: an absent candidate vector has ``q_r = 0`` and pivot 1, an absent anchor
+``d = 1``. The absent vectors' values are never read.
 
 Consequence used for retrieval: ``vol(a; C) = vol(C) * dist(a, span(C))``. Ranking anchors for a
 fixed candidate by volume is ranking by distance to the candidate's span; ranking candidates for
@@ -30,7 +49,9 @@ a fixed anchor also multiplies by the query-independent prior ``vol(C_j)``, whic
 ``x > 0`` and the zero subgradient where ``x <= 0``. The volume is a norm-like function of the
 anchor's residual off the candidate span, so 0 is in its (Clarke) subdifferential there and the
 choice keeps one degenerate item from poisoning a batch. ``gradient="faithful"`` reproduces
-``sqrt(abs(det))`` exactly, NaN gradient included.
+``sqrt(abs(det))`` exactly, NaN gradient included. A candidate vector within ``16 eps`` of the
+span of the previous ones (a repeated modality, a zero vector) is rounding noise away from
+exactly dependent and is treated as such: its pivot is exactly 0, so is ``det``.
 
 All Gram dot products run at ``precision=HIGHEST``: TF32/bf16-rounded products move MSR-VTT R@1
 by up to 0.4 points.
