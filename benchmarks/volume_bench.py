@@ -27,6 +27,7 @@ temporary allocation of the compiled function, ``compiled.memory_analysis().temp
     python benchmarks/volume_bench.py            # full: B in 512..4096, k in {3, 4}
     python benchmarks/volume_bench.py --quick    # a smoke run in well under a minute
     python benchmarks/volume_bench.py --batch 1024 2048 --k 4 --repeats 15
+    python benchmarks/volume_bench.py --batch 1024 --k 4 --x64   # + the float64 recipe's cost
 """
 
 from __future__ import annotations
@@ -242,7 +243,14 @@ def ratio(x: float | None, y: float | None) -> float | None:
 
 
 def bench_case(
-    b: int, k: int, d: int, repeats: int, slow_repeats: int, mem_limit: float, torch_fns
+    b: int,
+    k: int,
+    d: int,
+    repeats: int,
+    slow_repeats: int,
+    mem_limit: float,
+    torch_fns,
+    x64: bool = False,
 ):
     rng = np.random.default_rng(b * 10 + k)
     xs = rng.standard_normal((k, b, d)).astype(np.float32)
@@ -277,6 +285,19 @@ def bench_case(
         slow["torch_loss"] = (t_loss, targs)
     times.update(interleaved(slow, slow_repeats))
 
+    if x64:
+        # The more-accurate-dot-product recipe (docs/precision.md): float64 inputs under
+        # jax_enable_x64, against the float32 call in the same mode, interleaved.
+        with jax.enable_x64(True):
+            args64 = tuple(jnp.asarray(x, jnp.float64) for x in xs)
+            pair = {
+                "ours_volume_f32_x64mode": (jax.jit(pairwise_volume), args),
+                "ours_volume_f64": (jax.jit(pairwise_volume), args64),
+                "ours_loss_f32_x64mode": (jax.jit(fwd_bwd(ours_loss, k)), args),
+                "ours_loss_f64": (jax.jit(fwd_bwd(ours_loss, k)), args64),
+            }
+            times.update(interleaved(pair, repeats))
+
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = {
         "ours_over_floor": paired_ratio(times, "ours_volume", "floor"),
@@ -291,6 +312,8 @@ def bench_case(
         "loss_over_infonce_of_medians": ratio(med.get("ours_loss"), med.get("infonce_loss")),
         "dense_loss_over_loss": ratio(med.get("dense_loss"), med.get("ours_loss")),
         "torch_loss_over_loss": ratio(med.get("torch_loss"), med.get("ours_loss")),
+        "f64_over_f32_volume": paired_ratio(times, "ours_volume_f64", "ours_volume_f32_x64mode"),
+        "f64_over_f32_loss": paired_ratio(times, "ours_loss_f64", "ours_loss_f32_x64mode"),
         "memory_ours_over_dense": ratio(memory["ours_volume"], memory["dense_volume"]),
         "memory_loss_over_dense_loss": ratio(memory["ours_loss"], memory["dense_loss"]),
         "memory_loss_over_infonce": ratio(memory["ours_loss"], memory["infonce_loss"]),
@@ -334,6 +357,9 @@ def main(argv=None) -> dict:
         help="do not run a dense formulation whose temporary memory exceeds this (still reported)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch formulation")
+    parser.add_argument(
+        "--x64", action="store_true", help="also time float64 inputs under jax_enable_x64"
+    )
     args = parser.parse_args(argv)
 
     batches = args.batch or ([256, 512] if args.quick else [512, 1024, 2048, 4096])
@@ -347,7 +373,14 @@ def main(argv=None) -> dict:
         for k in ks:
             t0 = time.perf_counter()
             res = bench_case(
-                b, k, args.dim, repeats, slow_repeats, args.dense_memory_limit_gb, torch_fns
+                b,
+                k,
+                args.dim,
+                repeats,
+                slow_repeats,
+                args.dense_memory_limit_gb,
+                torch_fns,
+                x64=args.x64,
             )
             results.append(res)
             r = res["ratios"]
