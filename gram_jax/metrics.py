@@ -26,6 +26,7 @@ from gram_jax.volume import (
     _gemm,
     anchor_residual,
     candidate_gram,
+    gram_det_block,
     safe_sqrt,
     span_basis,
     to_blocks,
@@ -138,8 +139,7 @@ def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
         return _gemm(anchor, terms)
     if score == "span_distance":
         return safe_sqrt(anchor_residual(anchor, terms))
-    basis, det_m = terms
-    return safe_sqrt(det_m[None, :] * anchor_residual(anchor, basis))
+    return safe_sqrt(gram_det_block(anchor, *terms))
 
 
 def retrieval_scores(

@@ -77,6 +77,7 @@ __all__ = [
     "candidate_gram",
     "CandidateGram",
     "anchor_residual",
+    "gram_det_block",
     "masked_pairwise_volume",
     "to_blocks",
     "safe_sqrt",
@@ -369,6 +370,18 @@ def anchor_residual(
     return d
 
 
+def gram_det_block(
+    anchor: Float[Array, "R D"],
+    basis: Sequence[Float[Array, "C D"]],
+    det_m: Float[Array, " C"],
+    present_anchor: Bool[Array, " R"] | None = None,
+) -> Float[Array, "R C"]:
+    """``det G_ij = det(M_j) d_ij`` of anchor rows against a block of candidates' terms
+    (:class:`CandidateGram` ``basis`` and ``det``): the one kernel of every pairwise volume,
+    dense, chunked or in retrieval."""
+    return det_m[None, :] * anchor_residual(anchor, basis, present_anchor)
+
+
 def _as_pair(chunk_size: int | tuple[int | None, int | None] | None):
     if chunk_size is None or isinstance(chunk_size, int):
         return chunk_size, chunk_size
@@ -411,8 +424,6 @@ def _chunked_map(fn, xs, chunk: int | None, axis_out: int):
 def _pairwise_blocks(block_fn, anchor, present_anchor, cols, chunk_size):
     """``block_fn(anchor_rows, present_rows, col_terms)`` over (row, column) blocks."""
     row_chunk, col_chunk = _as_pair(chunk_size)
-    if present_anchor is None:
-        present_anchor = jnp.ones(anchor.shape[:1], bool)
 
     def rows_block(rows):
         a_rows, p_rows = rows
@@ -453,8 +464,7 @@ def pairwise_gram_det(
     cand = candidate_gram(*others, present_others=present_others)
 
     def block(a_rows, p_rows, cols):
-        basis, det_m = cols
-        return det_m[None, :] * anchor_residual(a_rows, basis, p_rows)
+        return gram_det_block(a_rows, *cols, p_rows)
 
     return _pairwise_blocks(block, anchor, pa, (cand.basis, cand.det), chunk_size)
 
