@@ -3,15 +3,20 @@
 For every batch size B and number of modalities k (D = 512 by default) it measures, in the same
 process and interleaved round by round (so load from other processes hits all alike):
 
-- ``ours_volume``: :func:`gram_jax.pairwise_volume` (k - 1 GEMMs + the adjugate polynomial);
+- ``ours_volume``: :func:`gram_jax.pairwise_volume` (a Gram-Schmidt basis per candidate, k - 1
+  GEMMs against it and an elementwise sum of squares);
+- ``adjugate_volume``: the previous formulation of ``pairwise_volume`` (k - 1 GEMMs against the
+  candidate vectors and the polynomial ``(a.a) det M - u^T adj(M) u``), kept here as the
+  baseline (it loses all precision on aligned tuples: ``docs/precision.md``);
 - ``floor``: the bare k - 1 matrix products ``anchor @ others[m].T`` (a lower bound for any
   method that needs every anchor-candidate dot product);
 - ``dense_volume``: the authors' formulation in JAX, a (B, B, k, k) Gram tensor and
   ``jnp.linalg.det`` per pair, then ``sqrt(abs(det))``;
 - ``torch_volume``: the authors' ``volume_computation`` ported to PyTorch (Gram tensor, batched
   ``torch.det``, ``sqrt(abs)``), only if ``torch`` is importable;
-- ``ours_loss`` / ``dense_loss`` / ``torch_loss``: the GRAM contrastive loss (both directions,
-  label smoothing 0.1, exact gradient), forward + backward w.r.t. all k inputs;
+- ``ours_loss`` / ``adjugate_loss`` / ``dense_loss`` / ``torch_loss``: the GRAM contrastive
+  loss (both directions, label smoothing 0.1, exact gradient), forward + backward w.r.t. all k
+  inputs;
 - ``infonce_loss``: anchored InfoNCE over the same k - 1 (anchor, modality) pairs per item pair,
   forward + backward.
 
@@ -22,6 +27,7 @@ temporary allocation of the compiled function, ``compiled.memory_analysis().temp
     python benchmarks/volume_bench.py            # full: B in 512..4096, k in {3, 4}
     python benchmarks/volume_bench.py --quick    # a smoke run in well under a minute
     python benchmarks/volume_bench.py --batch 1024 2048 --k 4 --repeats 15
+    python benchmarks/volume_bench.py --batch 1024 --k 4 --x64   # + the float64 recipe's cost
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import numpy as np
 from _timing import interleaved, paired_ratio, ratio, temp_bytes
 
 from gram_jax.losses import gram_contrastive_loss, infonce_loss, smoothed_cross_entropy
-from gram_jax.volume import pairwise_volume
+from gram_jax.volume import _gemm, pairwise_volume
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 TAU = 0.07
@@ -70,6 +76,47 @@ def floor_products(anchor, *others, precision=_HIGHEST):
     return tuple(jnp.matmul(anchor, o.T, precision=precision) for o in others)
 
 
+def _minor_det(entries, rows, cols, memo):
+    """Laplace expansion along the first row with shared sub-minors (the previous code)."""
+    key = (rows, cols)
+    if key not in memo:
+        if len(rows) == 1:
+            memo[key] = entries[rows[0]][cols[0]]
+        else:
+            out = 0.0
+            for j, c in enumerate(cols):
+                term = entries[rows[0]][c] * _minor_det(
+                    entries, rows[1:], cols[:j] + cols[j + 1 :], memo
+                )
+                out = out - term if j % 2 else out + term
+            memo[key] = out
+    return memo[key]
+
+
+def adjugate_volume(anchor, *others):
+    """The previous ``pairwise_volume``: ``sqrt((a.a) det M - u^T adj(M) u)``, u by k-1 GEMMs."""
+    n = len(others)
+    m = [[jnp.sum(others[r] * others[c], -1) for c in range(n)] for r in range(n)]
+    memo: dict = {}
+    full = tuple(range(n))
+    det_m = _minor_det(m, full, full, memo)
+
+    def adj(i, j):
+        if n == 1:
+            return jnp.ones_like(det_m)
+        minor = _minor_det(m, full[:j] + full[j + 1 :], full[:i] + full[i + 1 :], memo)
+        return -minor if (i + j) % 2 else minor
+
+    u = [_gemm(anchor, o) for o in others]
+    quad = 0.0
+    for r in range(n):
+        quad = quad + adj(r, r)[None] * u[r] * u[r]
+        for c in range(r + 1, n):
+            quad = quad + 2.0 * adj(r, c)[None] * u[r] * u[c]
+    aa = jnp.sum(anchor * anchor, -1)[:, None]
+    return jnp.sqrt(jnp.maximum(aa * det_m[None] - quad, 0.0))
+
+
 def dense_volume(anchor, *others, precision=_HIGHEST):
     """The authors' ``volume_computation`` in JAX: (B1, B2, k, k) Gram tensor + det per pair."""
     b1, b2 = anchor.shape[0], others[0].shape[0]
@@ -94,6 +141,10 @@ def _loss_from_volume(vol):
 
 def ours_loss(anchor, *others):
     return gram_contrastive_loss(anchor, list(others), TAU, label_smoothing=SMOOTHING)[0]
+
+
+def adjugate_loss(anchor, *others):
+    return _loss_from_volume(adjugate_volume(anchor, *others))
 
 
 def dense_loss(anchor, *others, precision=_HIGHEST):
@@ -155,7 +206,14 @@ def torch_functions():
 
 
 def bench_case(
-    b: int, k: int, d: int, repeats: int, slow_repeats: int, mem_limit: float, torch_fns
+    b: int,
+    k: int,
+    d: int,
+    repeats: int,
+    slow_repeats: int,
+    mem_limit: float,
+    torch_fns,
+    x64: bool = False,
 ):
     rng = np.random.default_rng(b * 10 + k)
     xs = rng.standard_normal((k, b, d)).astype(np.float32)
@@ -164,9 +222,11 @@ def bench_case(
 
     jitted = {
         "ours_volume": jax.jit(pairwise_volume),
+        "adjugate_volume": jax.jit(adjugate_volume),
         "floor": jax.jit(floor_products),
         "dense_volume": jax.jit(dense_volume),
         "ours_loss": jax.jit(fwd_bwd(ours_loss, k)),
+        "adjugate_loss": jax.jit(fwd_bwd(adjugate_loss, k)),
         "infonce_loss": jax.jit(fwd_bwd(anchored_infonce, k)),
         "dense_loss": jax.jit(fwd_bwd(dense_loss, k)),
     }
@@ -177,7 +237,8 @@ def bench_case(
         if memory[name] > mem_limit * 2**30
     }
 
-    fast = {n: (jitted[n], args) for n in ("ours_volume", "floor", "ours_loss", "infonce_loss")}
+    fast_names = ("ours_volume", "adjugate_volume", "floor", "ours_loss", "adjugate_loss")
+    fast = {n: (jitted[n], args) for n in (*fast_names, "infonce_loss")}
     times = interleaved(fast, repeats)
     slow = {n: (jitted[n], args) for n in ("dense_volume", "dense_loss") if n not in skipped}
     if torch_fns is not None:
@@ -187,16 +248,35 @@ def bench_case(
         slow["torch_loss"] = (t_loss, targs)
     times.update(interleaved(slow, slow_repeats))
 
+    if x64:
+        # The more-accurate-dot-product recipe (docs/precision.md): float64 inputs under
+        # jax_enable_x64, against the float32 call in the same mode, interleaved.
+        with jax.enable_x64(True):
+            args64 = tuple(jnp.asarray(x, jnp.float64) for x in xs)
+            pair = {
+                "ours_volume_f32_x64mode": (jax.jit(pairwise_volume), args),
+                "ours_volume_f64": (jax.jit(pairwise_volume), args64),
+                "ours_loss_f32_x64mode": (jax.jit(fwd_bwd(ours_loss, k)), args),
+                "ours_loss_f64": (jax.jit(fwd_bwd(ours_loss, k)), args64),
+            }
+            times.update(interleaved(pair, repeats))
+
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = {
         "ours_over_floor": paired_ratio(times, "ours_volume", "floor"),
         "ours_over_floor_of_medians": ratio(med.get("ours_volume"), med.get("floor")),
+        "adjugate_over_floor": paired_ratio(times, "adjugate_volume", "floor"),
+        "ours_over_adjugate": paired_ratio(times, "ours_volume", "adjugate_volume"),
+        "adjugate_loss_over_infonce": paired_ratio(times, "adjugate_loss", "infonce_loss"),
+        "loss_over_adjugate_loss": paired_ratio(times, "ours_loss", "adjugate_loss"),
         "dense_over_ours": ratio(med.get("dense_volume"), med.get("ours_volume")),
         "torch_over_ours": ratio(med.get("torch_volume"), med.get("ours_volume")),
         "loss_over_infonce": paired_ratio(times, "ours_loss", "infonce_loss"),
         "loss_over_infonce_of_medians": ratio(med.get("ours_loss"), med.get("infonce_loss")),
         "dense_loss_over_loss": ratio(med.get("dense_loss"), med.get("ours_loss")),
         "torch_loss_over_loss": ratio(med.get("torch_loss"), med.get("ours_loss")),
+        "f64_over_f32_volume": paired_ratio(times, "ours_volume_f64", "ours_volume_f32_x64mode"),
+        "f64_over_f32_loss": paired_ratio(times, "ours_loss_f64", "ours_loss_f32_x64mode"),
         "memory_ours_over_dense": ratio(memory["ours_volume"], memory["dense_volume"]),
         "memory_loss_over_dense_loss": ratio(memory["ours_loss"], memory["dense_loss"]),
         "memory_loss_over_infonce": ratio(memory["ours_loss"], memory["infonce_loss"]),
@@ -240,6 +320,9 @@ def main(argv=None) -> dict:
         help="do not run a dense formulation whose temporary memory exceeds this (still reported)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch formulation")
+    parser.add_argument(
+        "--x64", action="store_true", help="also time float64 inputs under jax_enable_x64"
+    )
     args = parser.parse_args(argv)
 
     batches = args.batch or ([256, 512] if args.quick else [512, 1024, 2048, 4096])
@@ -253,7 +336,14 @@ def main(argv=None) -> dict:
         for k in ks:
             t0 = time.perf_counter()
             res = bench_case(
-                b, k, args.dim, repeats, slow_repeats, args.dense_memory_limit_gb, torch_fns
+                b,
+                k,
+                args.dim,
+                repeats,
+                slow_repeats,
+                args.dense_memory_limit_gb,
+                torch_fns,
+                x64=args.x64,
             )
             results.append(res)
             r = res["ratios"]

@@ -14,7 +14,6 @@ device: their D->T numbers move by +-0.2 R@1 between rules on MSR-VTT.)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,12 +23,13 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gram_jax.volume import (
-    _HIGHEST,
+    _gemm,
+    anchor_residual,
     candidate_gram,
-    pairwise_gram_det,
+    gram_det_block,
     safe_sqrt,
     span_basis,
-    span_distance,
+    to_blocks,
     validate_pairwise_inputs,
 )
 
@@ -118,27 +118,28 @@ def _lower_is_better(score: ScoreKind) -> bool:
     raise ValueError(f"score must be 'volume', 'span_distance' or 'cosine', got {score!r}")
 
 
-def _block_scores(score: ScoreKind, anchor: Array, others: Sequence[Array], cand) -> Array:
-    """(R, C) scores of anchor rows against a candidate block (packed per-candidate terms)."""
-    cvecs, adj, det_m, basis = cand
+def _candidate_terms(score: ScoreKind, others: Sequence[Array]):
+    """The per-candidate terms that ``score`` needs (computed once per candidate)."""
     if score == "cosine":
-        return jnp.matmul(anchor, cvecs[0].T, precision=_HIGHEST)
-    aa = jnp.sum(anchor * anchor, axis=-1)[:, None]
+        return others[0]
     if score == "span_distance":
-        # Same computation as span_distance: projections on the candidate's span basis.
-        d2 = aa
-        for w in basis:
-            p = jnp.matmul(anchor, w.T, precision=_HIGHEST)
-            d2 = d2 - p * p
-        return safe_sqrt(d2)
-    u = [jnp.matmul(anchor, c.T, precision=_HIGHEST) for c in cvecs]
-    quad = 0.0
-    n = len(u)
-    for r in range(n):
-        quad = quad + adj[None, :, r, r] * u[r] * u[r]
-        for c in range(r + 1, n):
-            quad = quad + 2.0 * adj[None, :, r, c] * u[r] * u[c]
-    return safe_sqrt(aa * det_m[None, :] - quad)
+        return span_basis(*others)
+    cand = candidate_gram(*others)
+    return cand.basis, cand.det
+
+
+def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
+    """(R, C) scores of anchor rows against a block of candidates' terms.
+
+    The one score kernel of both :func:`retrieval_scores` (one block) and
+    :func:`chunked_retrieval`, so a pair (and a duplicated item) scores bit for bit alike in
+    both. The volume and span distance are those of :mod:`gram_jax.volume`.
+    """
+    if score == "cosine":
+        return _gemm(anchor, terms)
+    if score == "span_distance":
+        return safe_sqrt(anchor_residual(anchor, terms))
+    return safe_sqrt(gram_det_block(anchor, *terms))
 
 
 def retrieval_scores(
@@ -147,21 +148,12 @@ def retrieval_scores(
     """Dense (B1, B2) scores of anchor i against candidate j.
 
     ``volume``: :func:`~gram_jax.volume.pairwise_volume` (lower is better); ``span_distance``:
-    distance of the anchor to the candidate's span (lower is better); ``cosine``: anchor .
+    :func:`~gram_jax.volume.span_distance` (lower is better); ``cosine``: anchor .
     ``others[0]`` (higher is better; the other modalities are ignored).
     """
     validate_pairwise_inputs(anchor, others)
     _lower_is_better(score)
-    if score == "volume":
-        return safe_sqrt(pairwise_gram_det(anchor, *others))
-    if score == "span_distance":
-        return span_distance(anchor, *others)
-    return jnp.matmul(anchor, others[0].T, precision=_HIGHEST)
-
-
-def _candidate_terms(others: Sequence[Array]):
-    _, adj, det_m = candidate_gram(*others)
-    return list(others), adj, det_m, span_basis(*others)
+    return _block_scores(score, anchor, _candidate_terms(score, others))
 
 
 def chunked_retrieval(
@@ -202,25 +194,17 @@ def chunked_retrieval(
         raise ValueError(f"direction must be 'anchor_to_rest' or 'rest_to_anchor': {direction!r}")
     chunk = max(1, min(chunk_size, n))
     top_k = min(top_k, n)
-    n_chunks = math.ceil(n / chunk)
-    pad = n_chunks * chunk - n
     worst = jnp.inf if lower else -jnp.inf
 
-    padded_anchor = jnp.pad(anchor, ((0, pad), (0, 0)))
-    terms = _candidate_terms([jnp.pad(o, ((0, pad), (0, 0))) for o in others])
-    valid = jnp.arange(n_chunks * chunk) < n
-
-    def blocks(x):
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-    a_blocks = blocks(padded_anchor)
-    c_blocks = jax.tree.map(blocks, terms)
-    v_blocks = blocks(valid)
+    # Padding rows are zero vectors (a zero candidate has zero basis vectors and det 0) and are
+    # masked out of every count below.
+    a_blocks, n_chunks = to_blocks(anchor, chunk)
+    c_blocks, _ = to_blocks(_candidate_terms(score, others), chunk)
+    v_blocks, _ = to_blocks(jnp.ones(n, bool), chunk)
 
     def block(ai, ci):
         """Scores oriented as (queries, candidates) for anchor block ai x candidate block ci."""
-        cand = jax.tree.map(lambda t: t[ci], c_blocks)
-        s = _block_scores(score, a_blocks[ai], others, cand)
+        s = _block_scores(score, a_blocks[ai], jax.tree.map(lambda t: t[ci], c_blocks))
         if direction == "rest_to_anchor":
             s = s.T
         return s

@@ -10,14 +10,33 @@ this volume: small volume = aligned. Retrieval and the contrastive loss need it 
 candidate is the other k - 1 modalities of item j.
 
 **How it is computed here.** Write ``a`` for the anchor, ``C`` for the (k-1) x D stack of the
-candidate's vectors, ``M = C C^T`` and ``u = C a``. The block (Schur) determinant gives
+candidate's vectors, ``M = C C^T``. The block (Schur) determinant gives
 
-    det G = (a . a) det(M) - u^T adj(M) u,
+    det G = det(M) * d,    d = a.a - u^T M^-1 u = dist(a, span C)^2,    u = C a.
 
-with ``adj(M)`` the adjugate (``det(M) M^-1`` written as cofactors, so it exists and is exact when
-``M`` is singular). ``M``, ``adj(M)`` and ``det(M)`` depend on the candidate only; ``u`` for all
-pairs is k - 1 matrix products of (B1, D) x (D, B2). The rest is an elementwise polynomial over
-(B1, B2): no (B1, B2, k, k) tensor and no per-pair LU (the authors' code does both).
+Both factors come from an elimination that never forms a difference of large products:
+
+- per candidate (O(B2 k^2 D), once): Gram-Schmidt twice on the vectors ``c_0 .. c_{k-2}`` in
+  D-space gives an orthonormal basis ``q_r`` of span(C) and the pivots ``|r_r|^2`` of the
+  pivot-free ``LDL^T`` of ``M`` (``r_r`` = ``c_r`` minus its projection on the previous
+  ones), so ``det M = prod_r |r_r|^2`` to O(k eps) relative error;
+- per pair: ``d_ij = a_i.a_i - sum_r (a_i . q_jr)^2``, k - 1 matrix products of (B1, D) x
+  (D, B2) and an elementwise sum of squares over the (B1, B2) grid (:func:`anchor_residual`).
+
+No (B1, B2, k, k) tensor and no per-pair LU (the authors' code does both). The previous
+evaluation, ``(a.a) det M - u^T adj(M) u``, summed O(det M) terms that cancel down to the
+volume squared and lost every digit on aligned tuples; here the only cancellation left is the
+one no method built on float32 dot products avoids: ``d_ij`` is the difference of O(1) dot
+products, so it carries an absolute error ``~ sqrt(D) eps`` and a volume is accurate to
+``~ 4 sqrt(D) eps / dist^2`` relative (k = 2: nothing below ``vol ~ 1e-3`` at D = 512 is
+resolvable in float32; ``docs/precision.md`` has the table by decade, the floor per k and the
+float64 recipe). :func:`gram_volume` (one item at a time) does the anchor's step in D-space as
+well and has no such floor.
+
+**Missing modalities.** ``present_anchor`` / ``present_others`` masks drop a vector from the
+Gram matrix (its row and column become the identity's), so the volume is that of the pair's
+present vectors: an absent candidate vector has ``q_r = 0`` and pivot 1, an absent anchor
+``d = 1``. The absent vectors' values are never read.
 
 Consequence used for retrieval: ``vol(a; C) = vol(C) * dist(a, span(C))``. Ranking anchors for a
 fixed candidate by volume is ranking by distance to the candidate's span; ranking candidates for
@@ -30,7 +49,9 @@ a fixed anchor also multiplies by the query-independent prior ``vol(C_j)``, whic
 ``x > 0`` and the zero subgradient where ``x <= 0``. The volume is a norm-like function of the
 anchor's residual off the candidate span, so 0 is in its (Clarke) subdifferential there and the
 choice keeps one degenerate item from poisoning a batch. ``gradient="faithful"`` reproduces
-``sqrt(abs(det))`` exactly, NaN gradient included.
+``sqrt(abs(det))`` exactly, NaN gradient included. A candidate vector within ``16 eps`` of the
+span of the previous ones (a repeated modality, a zero vector) is rounding noise away from
+exactly dependent and is treated as such: its pivot is exactly 0, so is ``det``.
 
 All Gram dot products run at ``precision=HIGHEST``: TF32/bf16-rounded products move MSR-VTT R@1
 by up to 0.4 points.
@@ -40,11 +61,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 __all__ = [
     "GradientMode",
@@ -54,6 +75,11 @@ __all__ = [
     "span_distance",
     "span_basis",
     "candidate_gram",
+    "CandidateGram",
+    "anchor_residual",
+    "gram_det_block",
+    "masked_pairwise_volume",
+    "to_blocks",
     "safe_sqrt",
     "validate_pairwise_inputs",
 ]
@@ -97,73 +123,6 @@ def _sqrt(x: Array, gradient: GradientMode) -> Array:
     if gradient == "safe":
         return safe_sqrt(x)
     return jnp.sqrt(jnp.abs(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# Small symmetric matrices: polynomial determinant and adjugate
-# ---------------------------------------------------------------------------------------------
-
-
-def _minor_det(entries, rows: tuple[int, ...], cols: tuple[int, ...], memo: dict) -> Array:
-    """Determinant of the submatrix ``rows x cols`` by Laplace expansion along its first row.
-
-    ``entries[r][c]`` are the matrix entries as separate arrays, so the expansion is a graph of
-    elementwise ops (no gathers); ``memo`` shares every sub-minor between all the cofactors that
-    need it, so the whole adjugate of an n x n matrix costs O(n 2^(2n)) ops instead of O(n!).
-    """
-    key = (rows, cols)
-    if key in memo:
-        return memo[key]
-    if len(rows) == 1:
-        out = entries[rows[0]][cols[0]]
-    elif len(rows) == 2:
-        (r0, r1), (c0, c1) = rows, cols
-        out = entries[r0][c0] * entries[r1][c1] - entries[r0][c1] * entries[r1][c0]
-    else:
-        out = None
-        for j, c in enumerate(cols):
-            term = entries[rows[0]][c] * _minor_det(
-                entries, rows[1:], cols[:j] + cols[j + 1 :], memo
-            )
-            out = term if out is None else (out - term if j % 2 else out + term)
-    memo[key] = out
-    return out
-
-
-def _det_and_adjugate(m: Float[Array, "*batch n n"]) -> tuple[Array, Array]:
-    """``det(M)`` and ``adj(M)`` (``adj(M) M = det(M) I``) as polynomials in the entries.
-
-    Cofactor (Laplace) expansion with shared minors; small n only. Unlike LU it is exact at
-    singular matrices, and the gradient of the determinant is the cofactor matrix.
-    """
-    n = m.shape[-1]
-    entries = [[m[..., r, c] for c in range(n)] for r in range(n)]
-    memo: dict = {}
-    full = tuple(range(n))
-    det = _minor_det(entries, full, full, memo)
-    if n == 1:
-        return det, jnp.ones_like(m)
-    rows = []
-    for i in range(n):
-        # adj[i, j] = (-1)^(i+j) * minor_{j, i}
-        row = []
-        for j in range(n):
-            minor = _minor_det(entries, full[:j] + full[j + 1 :], full[:i] + full[i + 1 :], memo)
-            row.append(-minor if (i + j) % 2 else minor)
-        rows.append(jnp.stack(row, -1))
-    return det, jnp.stack(rows, -2)
-
-
-def _det_poly(m: Float[Array, "*batch n n"]) -> Float[Array, "*batch"]:
-    """Determinant as a polynomial in the entries (see :func:`_det_and_adjugate`)."""
-    n = m.shape[-1]
-    full = tuple(range(n))
-    return _minor_det([[m[..., r, c] for c in range(n)] for r in range(n)], full, full, {})
-
-
-def _adjugate(m: Float[Array, "*batch n n"]) -> Float[Array, "*batch n n"]:
-    """Adjugate ``adj(M)`` from cofactors (exact when singular)."""
-    return _det_and_adjugate(m)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,13 +178,96 @@ def _validate_vectors(vectors: Sequence) -> None:
         raise ValueError(f"embedding sizes differ across vectors: D in {sorted(dims)}")
 
 
+def _check_present(name: str, present, n: int) -> Array | None:
+    """``present`` as a (n,) bool array (None = all present), or a ``ValueError``."""
+    if present is None:
+        return None
+    if jnp.shape(present) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got shape {jnp.shape(present)}")
+    return jnp.asarray(present).astype(bool)
+
+
+def _check_present_others(present_others, others: Sequence) -> list[Array | None]:
+    if present_others is None:
+        return [None] * len(others)
+    if len(present_others) != len(others):
+        raise ValueError(
+            f"present_others has {len(present_others)} entries for {len(others)} modalities"
+        )
+    b2 = jnp.shape(others[0])[0]
+    return [_check_present(f"present_others[{m}]", p, b2) for m, p in enumerate(present_others)]
+
+
 # ---------------------------------------------------------------------------------------------
-# Per-item volumes
+# The elimination: an orthonormal basis of each candidate's span, in D-space
 # ---------------------------------------------------------------------------------------------
 
 
 def _dot(x: Array, y: Array) -> Array:
     return jnp.einsum("...d,...d->...", x, y, precision=_HIGHEST)
+
+
+def _dependent_tol(dtype) -> float:
+    """Relative size below which a Gram-Schmidt residual is rounding noise.
+
+    Re-orthogonalised Gram-Schmidt leaves a residual of norm ``~ eps |c|`` when ``c`` lies in
+    the span of the previous vectors (a repeated modality, the anchor itself); anything within
+    ``16 eps`` of the span is that case, and its pivot is set to exactly 0.
+    """
+    return 16.0 * float(jnp.finfo(dtype).eps)
+
+
+def _orthogonalise(
+    vectors: Sequence[Array], present: Sequence[Array | None], ridge: float
+) -> tuple[list[Array], list[Array]]:
+    """Gram-Schmidt twice ("twice is enough") on the rows of ``vectors`` (each ``(..., D)``).
+
+    Returns the unit directions ``q_r`` and the pivots ``piv_r = |r_r|^2``, ``r_r`` the part of
+    ``c_r`` orthogonal to ``c_0 .. c_{r-1}``. The pivots are the ``D_r`` of the pivot-free
+    ``LDL^T`` of ``M = C C^T``, so ``det M = prod_r piv_r``, but computed on the vectors: the
+    relative error of a pivot is O(eps) instead of the O(eps / piv_r) of eliminating on
+    rounded Gram entries. ``ridge = 0``: a residual within :func:`_dependent_tol` of 0 counts as
+    exactly dependent (``piv_r = 0``, ``q_r = 0``). ``ridge > 0``: ``q_r = r_r / sqrt(|r_r|^2 +
+    ridge)`` (smooth; see :func:`span_basis`). An absent vector (``present[r]`` False) has
+    ``q_r = 0`` and ``piv_r = 1``: it drops out of the span and of the determinant, and its
+    values are never read.
+    """
+    qs: list[Array] = []
+    pivots: list[Array] = []
+    for c, p in zip(vectors, present, strict=True):
+        if p is not None:
+            c = jnp.where(p[..., None], c, 0.0)
+        r = c
+        for _ in range(2):
+            for q in qs:
+                r = r - _dot(r, q)[..., None] * q
+        piv = _dot(r, r)
+        if ridge > 0:
+            q = r * jax.lax.rsqrt(piv + ridge)[..., None]
+        else:
+            keep = piv > _dependent_tol(piv.dtype) ** 2 * _dot(c, c)
+            piv = jnp.where(keep, piv, 0.0)
+            q = jnp.where(
+                keep[..., None], r * jax.lax.rsqrt(jnp.where(keep, piv, 1.0))[..., None], 0.0
+            )
+        if p is not None:
+            piv = jnp.where(p, piv, 1.0)
+            q = jnp.where(p[..., None], q, 0.0)
+        qs.append(q)
+        pivots.append(piv)
+    return qs, pivots
+
+
+def _product(xs: Sequence[Array]) -> Array:
+    out = xs[0]
+    for x in xs[1:]:
+        out = out * x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item volumes
+# ---------------------------------------------------------------------------------------------
 
 
 def gram_volume(
@@ -237,7 +279,9 @@ def gram_volume(
 
     ``vol = sqrt(det(A A^T))`` with ``A`` the k x D stack of ``vectors``; the vectors are used as
     given (GRAM normalises embeddings first, so ``0 <= vol <= 1``). With ``squared=True``
-    returns ``det(A A^T)`` (the Gram determinant, a polynomial: smooth gradient everywhere).
+    returns ``det(A A^T)``. Per item everything is in D-space: ``det = prod_r |r_r|^2`` over
+    the Gram-Schmidt residuals of ``vectors[1:]`` and then ``vectors[0]`` (module docstring),
+    so even a volume of 1e-6 keeps float32 relative accuracy.
 
     Args:
       *vectors: k arrays with a common last dimension D and broadcastable leading shapes.
@@ -250,31 +294,11 @@ def gram_volume(
     """
     _validate_vectors(vectors)
     _check_gradient_mode(gradient)
-    anchor, others = vectors[0], vectors[1:]
-    n = len(others)
-    # M (candidate Gram) and u (anchor-candidate dots), per broadcast item.
-    m = jnp.stack(
-        [jnp.stack([_dot(others[r], others[c]) for c in range(n)], -1) for r in range(n)], -2
-    )
-    u = [_dot(anchor, o) for o in others]
-    det_m, adj = _det_and_adjugate(m)
-    det = _schur_det(_dot(anchor, anchor), det_m, adj, u)
+    vectors = jnp.broadcast_arrays(*vectors)
+    ordered = [*vectors[1:], vectors[0]]
+    _, pivots = _orthogonalise(ordered, [None] * len(ordered), ridge=0.0)
+    det = _product(pivots)
     return det if squared else _sqrt(det, gradient)
-
-
-def _schur_det(aa: Array, det_m: Array, adj: Array, u: Sequence[Array]) -> Array:
-    """``aa * det(M) - u^T adj(M) u`` with ``u`` given as k - 1 broadcastable arrays.
-
-    The quadratic form is written out term by term (adj is symmetric) so XLA fuses it into one
-    elementwise pass over the (B1, B2) grid instead of materialising a (B1, B2, k-1) stack.
-    """
-    n = len(u)
-    quad = 0.0
-    for r in range(n):
-        quad = quad + adj[..., r, r] * u[r] * u[r]
-        for c in range(r + 1, n):
-            quad = quad + 2.0 * adj[..., r, c] * u[r] * u[c]
-    return aa * det_m - quad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,30 +306,42 @@ def _schur_det(aa: Array, det_m: Array, adj: Array, u: Sequence[Array]) -> Array
 # ---------------------------------------------------------------------------------------------
 
 
+class CandidateGram(NamedTuple):
+    """Per-candidate terms of the pairwise volume (n = k - 1 candidate modalities).
+
+    ``basis``: n arrays (B2, D), an orthonormal basis of span(C_j) (zero rows for absent or
+    dependent directions); ``pivots``: (B2, n), the ``LDL^T`` pivots of ``M_j = C_j C_j^T``
+    (1 for an absent modality); ``det``: (B2,), ``det M_j = vol(C_j)^2``.
+    """
+
+    basis: list[Float[Array, "B2 D"]]
+    pivots: Float[Array, "B2 n"]
+    det: Float[Array, " B2"]
+
+
 def candidate_gram(
     *others: Float[Array, "B2 D"],
-) -> tuple[Float[Array, "B2 n n"], Float[Array, "B2 n n"], Float[Array, " B2"]]:
-    """Per-candidate ``M_j = C_j C_j^T``, its adjugate and determinant (n = k - 1).
+    present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
+) -> CandidateGram:
+    """The candidate's span basis, ``LDL^T`` pivots and ``det M_j`` (see :class:`CandidateGram`).
 
-    These depend on the candidate only, so they are computed once per candidate (O(B2 n^2 D))
-    and reused against every anchor; the ring loss sends them along with the vectors.
+    They depend on the candidate only, so they are computed once per candidate (O(B2 n^2 D))
+    and reused against every anchor. ``present_others``: per modality a (B2,) bool mask
+    (True = present) or None; an absent modality drops out of the Gram matrix.
     """
-    n = len(others)
-    m = jnp.stack(
-        [jnp.stack([_dot(others[r], others[c]) for c in range(n)], -1) for r in range(n)], -2
-    )
-    det_m, adj = _det_and_adjugate(m)
-    return m, adj, det_m
+    present = _check_present_others(present_others, others)
+    basis, pivots = _orthogonalise(others, present, ridge=0.0)
+    return CandidateGram(basis, jnp.stack(pivots, -1), _product(pivots))
 
 
 def _gemm(x: Array, y: Array) -> Array:
     """``x @ y.T`` at HIGHEST precision, kept as a product of its own (see below).
 
     The ``reduce_precision`` to the array's own format is the identity on the values. It stops
-    XLA:CPU from fusing the GEMM and the elementwise polynomial that consumes it into one
-    YNNPACK kernel, which runs 1.4-1.7x slower than a plain GEMM followed by a separate
-    elementwise loop (measured on 2 cores: pairwise_volume at B = 2048, k = 4 goes from
-    ~1.5x to ~1.1x the bare matrix products; ``benchmarks/volume_bench.py``). On other
+    XLA:CPU from fusing the GEMM and the elementwise code that consumes it into one YNNPACK
+    kernel, which runs 1.4-1.7x slower than a plain GEMM followed by a separate elementwise
+    loop (``benchmarks/volume_bench.py``), and which rounds differently from the unfused
+    product, so that the same pair could score differently in two call sites. On other
     backends the no-op fuses into the consumer.
     """
     p = jnp.matmul(x, y.T, precision=_HIGHEST)
@@ -313,10 +349,37 @@ def _gemm(x: Array, y: Array) -> Array:
     return jax.lax.reduce_precision(p, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
 
 
-def _pairwise_det_block(anchor: Array, others: Sequence[Array], adj: Array, det_m: Array) -> Array:
-    u = [_gemm(anchor, o) for o in others]  # k-1 GEMMs, (B1, B2)
-    aa = _dot(anchor, anchor)[:, None]
-    return _schur_det(aa, det_m[None, :], adj[None], u)
+def anchor_residual(
+    anchor: Float[Array, "R D"],
+    basis: Sequence[Float[Array, "C D"]],
+    present_anchor: Bool[Array, " R"] | None = None,
+) -> Float[Array, "R C"]:
+    """``d_ij = a_i.a_i - sum_r (a_i . q_jr)^2``: squared distance of anchor i to span(C_j).
+
+    The pair kernel shared by every pairwise score (volume, span distance, retrieval): k - 1
+    matrix products against the candidates' basis vectors and an elementwise sum of squares.
+    An absent anchor (``present_anchor[i]`` False) gets ``d_ij = 1``, so ``det M_j d_ij`` is
+    the Gram determinant of the candidate's present vectors alone.
+    """
+    d = _dot(anchor, anchor)[:, None]
+    for q in basis:
+        p = _gemm(anchor, q)
+        d = d - p * p
+    if present_anchor is not None:
+        d = jnp.where(present_anchor[:, None], d, 1.0)
+    return d
+
+
+def gram_det_block(
+    anchor: Float[Array, "R D"],
+    basis: Sequence[Float[Array, "C D"]],
+    det_m: Float[Array, " C"],
+    present_anchor: Bool[Array, " R"] | None = None,
+) -> Float[Array, "R C"]:
+    """``det G_ij = det(M_j) d_ij`` of anchor rows against a block of candidates' terms
+    (:class:`CandidateGram` ``basis`` and ``det``): the one kernel of every pairwise volume,
+    dense, chunked or in retrieval."""
+    return det_m[None, :] * anchor_residual(anchor, basis, present_anchor)
 
 
 def _as_pair(chunk_size: int | tuple[int | None, int | None] | None):
@@ -325,42 +388,62 @@ def _as_pair(chunk_size: int | tuple[int | None, int | None] | None):
     return tuple(chunk_size)
 
 
+def to_blocks(xs, chunk: int):
+    """Zero-pad the leading axis of every leaf of ``xs`` to a multiple of ``chunk`` and split it
+    into ``(n_blocks, chunk, ...)``. Returns ``(blocks, n_blocks)``."""
+    if chunk <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk}")
+    b = jax.tree.leaves(xs)[0].shape[0]
+    n_blocks = math.ceil(b / chunk)
+    pad = n_blocks * chunk - b
+
+    def split(x):
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return x.reshape(n_blocks, chunk, *x.shape[1:])
+
+    return jax.tree.map(split, xs), n_blocks
+
+
 def _chunked_map(fn, xs, chunk: int | None, axis_out: int):
     """Apply ``fn`` to blocks of ``chunk`` leading rows of the pytree ``xs`` with ``lax.map``.
 
-    The outputs are concatenated back along ``axis_out``; the last block is zero-padded and the
-    padding sliced off.
+    The outputs are concatenated back along ``axis_out``; the padding of the last block
+    (:func:`to_blocks`) is sliced off.
     """
     b = jax.tree.leaves(xs)[0].shape[0]
     if chunk is None or chunk >= b:
         return fn(xs)
-    if chunk <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk}")
-    n_chunks = math.ceil(b / chunk)
-    pad = n_chunks * chunk - b
-
-    def split(x):
-        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-    out = jax.lax.map(fn, jax.tree.map(split, xs))  # (n_chunks, ..., chunk, ...)
+    blocks, n_blocks = to_blocks(xs, chunk)
+    out = jax.lax.map(fn, blocks)  # (n_blocks, ..., chunk, ...)
     out = jnp.moveaxis(out, 0, axis_out)
     shape = list(out.shape)
-    shape[axis_out : axis_out + 2] = [n_chunks * chunk]
+    shape[axis_out : axis_out + 2] = [n_blocks * chunk]
     return jax.lax.slice_in_dim(out.reshape(shape), 0, b, axis=axis_out)
+
+
+def _pairwise_blocks(block_fn, anchor, present_anchor, cols, chunk_size):
+    """``block_fn(anchor_rows, present_rows, col_terms)`` over (row, column) blocks."""
+    row_chunk, col_chunk = _as_pair(chunk_size)
+
+    def rows_block(rows):
+        a_rows, p_rows = rows
+        return _chunked_map(lambda c: block_fn(a_rows, p_rows, c), cols, col_chunk, axis_out=1)
+
+    return _chunked_map(rows_block, (anchor, present_anchor), row_chunk, axis_out=0)
 
 
 def pairwise_gram_det(
     anchor: Float[Array, "B1 D"],
     *others: Float[Array, "B2 D"],
     chunk_size: int | tuple[int | None, int | None] | None = None,
+    present_anchor: Bool[Array, " B1"] | None = None,
+    present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
 ) -> Float[Array, "B1 B2"]:
     """Gram determinant ``det G_ij`` (squared volume) for every anchor i and candidate j.
 
     ``G_ij`` is the k x k Gram matrix of ``[anchor[i], others[0][j], ..., others[k-2][j]]``.
-    Computed as ``(a_i.a_i) det(M_j) - u_ij^T adj(M_j) u_ij`` (module docstring): k - 1 matrix
-    products and an elementwise polynomial; memory O(B1 B2) for the output plus O(B1 B2) live
-    intermediates per fused pass.
+    Computed as ``det(M_j) * d_ij`` (module docstring): a D-space Gram-Schmidt per candidate,
+    then k - 1 matrix products and an elementwise sum of squares per pair; memory O(B1 B2).
 
     Args:
       anchor: (B1, D).
@@ -368,22 +451,22 @@ def pairwise_gram_det(
       chunk_size: ``int`` or ``(row_chunk, col_chunk)``: evaluate in blocks of that many anchors
         / candidates with ``lax.map`` so intermediates (and their gradients' residuals) stay
         within one block. ``None`` = one block.
+      present_anchor: optional (B1,) bool, False where anchor i is missing.
+      present_others: optional, per other modality a (B2,) bool mask or None. A missing vector
+        drops out of the Gram matrix: ``det G_ij`` is the Gram determinant of the present
+        vectors of the pair (its row and column are replaced by the identity's).
 
     Returns:
       (B1, B2) determinants (>= 0 up to rounding).
     """
     validate_pairwise_inputs(anchor, others)
-    row_chunk, col_chunk = _as_pair(chunk_size)
-    _, adj, det_m = candidate_gram(*others)
+    pa = _check_present("present_anchor", present_anchor, anchor.shape[0])
+    cand = candidate_gram(*others, present_others=present_others)
 
-    def rows_block(a_rows):
-        def cols_block(cols):
-            cand, adj_c, det_c = cols
-            return _pairwise_det_block(a_rows, cand, adj_c, det_c)
+    def block(a_rows, p_rows, cols):
+        return gram_det_block(a_rows, *cols, p_rows)
 
-        return _chunked_map(cols_block, (list(others), adj, det_m), col_chunk, axis_out=1)
-
-    return _chunked_map(rows_block, anchor, row_chunk, axis_out=0)
+    return _pairwise_blocks(block, anchor, pa, (cand.basis, cand.det), chunk_size)
 
 
 def pairwise_volume(
@@ -392,6 +475,8 @@ def pairwise_volume(
     squared: bool = False,
     gradient: GradientMode = "safe",
     chunk_size: int | tuple[int | None, int | None] | None = None,
+    present_anchor: Bool[Array, " B1"] | None = None,
+    present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
 ) -> Float[Array, "B1 B2"]:
     """Volume of anchor i with candidate j's k - 1 vectors, for all pairs: ``(B1, B2)``.
 
@@ -406,32 +491,53 @@ def pairwise_volume(
       gradient: ``"safe"`` (default; zero subgradient at zero volume, finite everywhere) or
         ``"faithful"`` (``sqrt(abs(det))``: NaN gradient at exactly zero volume).
       chunk_size: optional row / column block size (see :func:`pairwise_gram_det`).
+      present_anchor, present_others: optional presence masks (see :func:`pairwise_gram_det`):
+        the volume is then the volume spanned by the pair's present vectors only.
     """
     _check_gradient_mode(gradient)
-    det = pairwise_gram_det(anchor, *others, chunk_size=chunk_size)
+    det = pairwise_gram_det(
+        anchor,
+        *others,
+        chunk_size=chunk_size,
+        present_anchor=present_anchor,
+        present_others=present_others,
+    )
     return det if squared else _sqrt(det, gradient)
+
+
+def masked_pairwise_volume(
+    anchor: Float[Array, "B1 D"],
+    others: Sequence[Float[Array, "B2 D"]],
+    present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
+    present_anchor: Bool[Array, " B1"] | None = None,
+) -> Float[Array, "B1 B2"]:
+    """:func:`pairwise_volume` with the candidates as a list and presence masks (GramModel).
+
+    ``V[i, j]`` is the volume spanned by anchor i and the PRESENT modalities of candidate j
+    (with every other modality absent it is ``|a_i|``). Volumes of candidates with different
+    numbers of present modalities have different dimension: both lie in [0, 1] for unit
+    vectors and shrink with misalignment, but a (k-1)-volume is typically larger than a
+    k-volume of the same item.
+    """
+    return pairwise_volume(
+        anchor, *others, present_anchor=present_anchor, present_others=present_others
+    )
 
 
 def span_basis(*others: Float[Array, "B2 D"], ridge: float = 1e-6) -> list[Float[Array, "B2 D"]]:
     """Per candidate, k - 1 vectors ``w_r`` with ``sum_r (a . w_r)^2 = |proj_span(C_j) a|^2``.
 
-    Regularised Gram-Schmidt in D-space: ``r_0 = c_0``, ``r_r = c_r - sum_{q<r} (c_r . w_q) w_q``
-    and ``w_r = r_r / sqrt(|r_r|^2 + ridge)``. For a non-degenerate candidate this is an
-    orthonormal basis of its span up to O(ridge / |r_r|^2); a direction the candidate does not
-    span (a repeated or zero vector, ``|r_r|^2 ~ 0``) gets ``w_r ~ 0`` and drops out. Working
-    on the vectors rather than inverting ``M_j = C_j C_j^T`` avoids squaring the condition
-    number: ``(M + ridge I)^-1`` in float32 is wrong by O(1) for a candidate with two equal
-    vectors. Every step is smooth for ``ridge > 0``.
+    Regularised Gram-Schmidt in D-space (twice, see :func:`candidate_gram`): ``r_r = c_r -
+    sum_{q<r} (c_r . w_q) w_q`` and ``w_r = r_r / sqrt(|r_r|^2 + ridge)``. For a
+    non-degenerate candidate this is an orthonormal basis of its span up to
+    O(ridge / |r_r|^2); a direction the candidate does not span (a repeated or zero vector,
+    ``|r_r|^2 ~ 0``) gets ``w_r ~ 0`` and drops out. Working on the vectors rather than
+    inverting ``M_j = C_j C_j^T`` avoids squaring the condition number. Every step is smooth
+    for ``ridge > 0``; ``ridge = 0`` is the exact basis of :func:`candidate_gram`.
     """
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    basis: list[Array] = []
-    for c in others:
-        r = c
-        for w in basis:
-            r = r - _dot(r, w)[:, None] * w
-        basis.append(r * jax.lax.rsqrt(_dot(r, r) + ridge)[:, None])
-    return basis
+    return _orthogonalise(others, [None] * len(others), ridge=ridge)[0]
 
 
 def span_distance(
@@ -443,37 +549,25 @@ def span_distance(
 ) -> Float[Array, "B1 B2"]:
     """Distance from anchor i to the span of candidate j's k - 1 vectors: ``(B1, B2)``.
 
-    ``dist_ij^2 = a_i.a_i - sum_r (a_i . w_jr)^2`` with ``w_j`` the regularised orthonormal
-    basis of span(C_j) from :func:`span_basis` (k - 1 matrix products, like the volume). For a
-    non-degenerate candidate this is ``det G_ij / det M_j`` up to O(ridge) (so
-    ``vol_ij = vol(C_j) dist_ij``); for a degenerate candidate (repeated or zero vectors) it is
-    the distance to the span actually spanned, instead of 0 / 0. Ranking by this score removes
-    the query-independent prior ``vol(C_j)`` that causes hubness in anchor -> candidate
-    retrieval.
+    ``dist_ij^2 = a_i.a_i - sum_r (a_i . w_jr)^2`` (:func:`anchor_residual`) with ``w_j`` the
+    regularised orthonormal basis of span(C_j) from :func:`span_basis`. For a non-degenerate
+    candidate this is ``det G_ij / det M_j`` up to O(ridge) (so ``vol_ij = vol(C_j)
+    dist_ij``); for a degenerate candidate (repeated or zero vectors) it is the distance to the
+    span actually spanned, instead of 0 / 0. Ranking by this score removes the
+    query-independent prior ``vol(C_j)`` that causes hubness in anchor -> candidate retrieval.
 
     Args:
       anchor: (B1, D).
       *others: k - 1 >= 1 arrays (B2, D).
       squared: return ``dist^2`` (clamped at 0).
-      ridge: regulariser of the Gram-Schmidt normalisation (>= 0; 0 only for candidates known
-        to be non-degenerate).
+      ridge: regulariser of the Gram-Schmidt normalisation (>= 0).
       chunk_size: optional row / column block size (see :func:`pairwise_gram_det`).
     """
     validate_pairwise_inputs(anchor, others)
     basis = span_basis(*others, ridge=ridge)
-    row_chunk, col_chunk = _as_pair(chunk_size)
 
-    def rows_block(a_rows):
-        aa = _dot(a_rows, a_rows)[:, None]
+    def block(a_rows, _, cols):
+        return anchor_residual(a_rows, cols)
 
-        def cols_block(ws):
-            d2 = aa
-            for w in ws:
-                p = _gemm(a_rows, w)
-                d2 = d2 - p * p
-            return d2
-
-        return _chunked_map(cols_block, basis, col_chunk, axis_out=1)
-
-    d2 = _chunked_map(rows_block, anchor, row_chunk, axis_out=0)
+    d2 = _pairwise_blocks(block, anchor, None, basis, chunk_size)
     return jnp.maximum(d2, 0.0) if squared else safe_sqrt(d2)

@@ -29,7 +29,6 @@ from gram_jax.models import (
 )
 from gram_jax.models.comm import CoMMProjector, default_mask_patterns
 from gram_jax.models.layers import sincos_1d
-from gram_jax.models.masking import det_small
 
 B = 4
 RNG = np.random.default_rng(0)
@@ -330,14 +329,6 @@ def test_masked_volume_gradients_finite_at_degeneracy():
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(a, v, u)
     assert _finite_tree(grads)
     np.testing.assert_array_equal(grads[2][1], 0.0)  # absent rows get no gradient
-
-
-def test_det_small_matches_numpy():
-    m = np.random.default_rng(3).standard_normal((7, 4, 4))
-    for k in (1, 2, 3, 4):
-        np.testing.assert_allclose(
-            det_small(jnp.asarray(m[:, :k, :k])), np.linalg.det(m[:, :k, :k]), rtol=1e-4, atol=1e-5
-        )
 
 
 # ----------------------------------------------------------------------------------------------

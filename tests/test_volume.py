@@ -345,9 +345,9 @@ def test_degenerate_inputs_safe_finite_faithful_nan(case):
     for g in safe:
         assert np.all(np.isfinite(np.asarray(g))), f"{case}: safe gradient not finite"
     # The authors' sqrt(abs(det)) has d/dx at 0 = sign(0) * inf: NaN wherever det is exactly
-    # 0 (documented difference). Op by op, every degenerate pair's det is exactly 0. Under jit,
-    # XLA contracts the polynomial into FMAs, so a det that is 0 only by cancellation between
-    # terms (a duplicated candidate) comes out as +-1e-9 noise, and faithful is then finite there:
+    # 0 (documented difference). A repeated or zero candidate vector gets an exactly zero pivot
+    # and so an exactly zero det; a pair that is degenerate only through the anchor (anchor in
+    # the candidate's span) keeps rounding noise in d_ij, and faithful is then finite there:
     # NaN appears exactly where the compiled det is exactly 0.
     faithful = _volume_grads(anchor, others, "faithful")
     has_nan = any(np.isnan(np.asarray(g)).any() for g in faithful)

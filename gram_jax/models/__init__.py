@@ -10,7 +10,7 @@ Public API:
   CNNEncoder                                       (cnn.py)
   ProjectionHead, LearnableTemperature, SigLIPScaleBias, l2_normalize   (heads.py)
   TowerModel (alias GramModel)                     (gram_model.py)
-  masked_pairwise_volume                           (masking.py)
+  masked_pairwise_volume                           (re-exported from gram_jax.volume)
   CoMMModel                                        (comm.py)
   MatchingHead                                     (matching.py)
   count_params, param_table                        (factory.py)
@@ -46,8 +46,8 @@ from gram_jax.models.heads import (
     l2_normalize,
 )
 from gram_jax.models.layers import Attention, Transformer, TransformerBlock
-from gram_jax.models.masking import masked_pairwise_gram, masked_pairwise_volume
 from gram_jax.models.matching import MatchingHead
+from gram_jax.volume import masked_pairwise_volume
 
 __all__ = [
     "PRESETS",
@@ -82,7 +82,6 @@ __all__ = [
     "build_encoder",
     "count_params",
     "l2_normalize",
-    "masked_pairwise_gram",
     "masked_pairwise_volume",
     "param_table",
 ]

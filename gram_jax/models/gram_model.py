@@ -23,8 +23,8 @@ from jaxtyping import Array, Float, Int
 
 from gram_jax.models.encoders import EncoderOutput
 from gram_jax.models.heads import LearnableTemperature, ProjectionHead
-from gram_jax.models.masking import masked_pairwise_volume
 from gram_jax.models.matching import MatchingHead
+from gram_jax.volume import pairwise_volume
 
 __all__ = ["GramModel", "TowerModel", "split_inputs"]
 
@@ -127,7 +127,7 @@ class TowerModel(nnx.Module):
             raise ValueError("pairwise_volume needs at least one non-anchor modality")
         a = emb[self.anchor] if anchor_embeddings is None else anchor_embeddings
         xs = [emb[m] if other_embeddings is None else other_embeddings[m] for m in others]
-        return masked_pairwise_volume(a, xs)
+        return pairwise_volume(a, *xs)
 
     def match_logits(
         self,
