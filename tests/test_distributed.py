@@ -295,5 +295,5 @@ def test_bad_keywords_raise():
         call("bogus", None)
     with pytest.raises(ValueError, match="chunk_size is the single-device tiling"):
         call("ring", 2)
-    with pytest.raises(ValueError, match="chunk_size must be positive"):
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         losses.infonce_loss(x[0], x[1], 0.1, chunk_size=0)
