@@ -676,6 +676,8 @@ def register_loss(name: str, fn: Callable, **spec: Any) -> LossSpec:
         raise ValueError(f"params must be 'temperature', 'scale_bias' or None, got {s.params!r}")
     if s.model not in ("gram", "comm"):
         raise ValueError(f"model must be 'gram' or 'comm', got {s.model!r}")
+    if s.model == "comm" and s.params is not None:
+        raise ValueError("a 'comm'-model loss gets no learnable params (CoMMModel holds none)")
     if bad := set(s.impls) - set(IMPLS):
         raise ValueError(f"impls {sorted(bad)} are not among {IMPLS}")
     LOSSES[name] = s

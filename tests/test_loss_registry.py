@@ -102,6 +102,8 @@ def test_builtin_names_and_bad_entries_are_rejected():
         losses.register_loss("mine", losses.infonce_loss, params="log_tau")
     with pytest.raises(ValueError, match="impls"):
         losses.register_loss("mine", losses.infonce_loss, impls=("ringz",))
+    with pytest.raises(ValueError, match="CoMMModel holds none"):
+        losses.register_loss("mine", losses.comm_loss, model="comm", two_views=True)
     with pytest.raises(KeyError, match="registered"):
         losses.get_loss("nope")
 
