@@ -356,8 +356,8 @@ def infonce_loss(
 
 
 def _siglip_pointwise(z: Array, is_positive: Array) -> Array:
-    """``-log sigmoid(l z)`` with ``l = +1`` on positives and ``-1`` elsewhere."""
-    return -jax.nn.log_sigmoid(jnp.where(is_positive, z, -z))
+    """``-log sigmoid(l z) = softplus(-l z)`` with ``l = +1`` on positives, ``-1`` elsewhere."""
+    return jax.nn.softplus(jnp.where(is_positive, -z, z))
 
 
 def siglip_loss(
