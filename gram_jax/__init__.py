@@ -11,11 +11,12 @@ Pure functions (jit / vmap / grad / shard_map safe):
 - volumes: :func:`gram_volume`, :func:`pairwise_volume`, :func:`pairwise_gram_det`,
   :func:`span_distance`, :func:`safe_sqrt`
 - losses: :func:`gram_contrastive_loss`, :func:`dam_loss`, :func:`infonce_loss`,
-  :func:`siglip_loss`, :func:`comm_loss`, :func:`cross_self_loss`, :func:`nt_xent`
+  :func:`siglip_loss`, :func:`comm_loss`, :func:`cross_self_loss`, :func:`nt_xent`;
+  :func:`register_loss` makes a new one trainable from a config (``gram_jax.losses.LOSSES``)
 - retrieval: :func:`retrieval_metrics`, :func:`retrieval_scores`, :func:`chunked_retrieval`
 - meshes: :func:`make_mesh`, :func:`data_sharding`, :func:`replicated`,
-  :func:`check_batch_divisible`, :func:`global_loss` (every loss also takes
-  ``axis_name=..., impl="all_gather" | "ring"`` inside a user's own ``jax.shard_map``)
+  :func:`check_batch_divisible`, :func:`global_loss` (every loss also takes ``axis_name=...,
+  impl="all_gather" | "ring" | "ring_checkpoint"`` inside a user's own ``jax.shard_map``)
 
 Models (Flax NNX), data (TFDS + Grain) and the trainer live in ``gram_jax.models``,
 ``gram_jax.data`` and ``gram_jax.training``.
@@ -34,8 +35,10 @@ from gram_jax.losses import (
     dam_loss,
     gram_contrastive_loss,
     infonce_loss,
+    l2_normalize,
     log_temperature_init,
     nt_xent,
+    register_loss,
     sample_hard_negatives,
     siglip_loss,
     smoothed_cross_entropy,
@@ -71,6 +74,7 @@ __all__ = [
     "gram_contrastive_loss",
     "gram_volume",
     "infonce_loss",
+    "l2_normalize",
     "log_temperature_init",
     "make_mesh",
     "metrics_from_ranks",
@@ -78,6 +82,7 @@ __all__ = [
     "pairwise_gram_det",
     "pairwise_volume",
     "positive_ranks",
+    "register_loss",
     "replicated",
     "retrieval_metrics",
     "retrieval_scores",

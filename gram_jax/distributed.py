@@ -84,6 +84,7 @@ from jaxtyping import Array
 
 __all__ = [
     "Impl",
+    "IMPLS",
     "make_mesh",
     "data_sharding",
     "replicated",
@@ -93,7 +94,7 @@ __all__ = [
 ]
 
 Impl = Literal["all_gather", "ring", "ring_checkpoint"]
-_IMPLS = ("all_gather", "ring", "ring_checkpoint")
+IMPLS = ("all_gather", "ring", "ring_checkpoint")  # the sharded drivers (with axis_name)
 _STATS = ("lse", "pos", "tot", "pw")  # differentiable per-row / per-column statistics
 
 
@@ -630,11 +631,16 @@ def pair_stats(
         score=score, lse=lse, pointwise=pointwise, cols=cols_stats,
         mask_diagonal=mask_diagonal, faithful=faithful,
     )  # fmt: skip
+    # Checked even where unused (no axis_name), so a typo never waits for the mesh run.
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     if axis_name is None:
         if chunk_size is None:
             return _dense(spec, scale, bias, rows, cols)
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if chunk_size >= max(_leading(rows), _leading(cols)):
             return _dense(spec, scale, bias, rows, cols)
         return _chunked(spec, chunk_size, scale, bias, rows, cols)
@@ -656,9 +662,7 @@ def pair_stats(
             lambda *a: _ring_backward(spec, axis_name, *a),
             scale, bias, rows, cols,
         )  # fmt: skip
-    if impl == "ring_checkpoint":
-        return _ring_forward(spec, axis_name, scale, bias, rows, cols, checkpoint=True)
-    raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    return _ring_forward(spec, axis_name, scale, bias, rows, cols, checkpoint=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,8 +714,8 @@ def global_loss(
             return loss_fn(*args, **loss_kwargs)
 
         return gspmd
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be 'gspmd' or one of {_IMPLS}, got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'gspmd' or one of {IMPLS}, got {impl!r}")
 
     def sharded(*args):
         local = lambda *a: loss_fn(*a, axis_name=axis_name, impl=impl, **loss_kwargs)

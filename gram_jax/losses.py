@@ -1,52 +1,62 @@
-"""Contrastive losses: GRAM, DAM matching, InfoNCE (CLIP / anchored), SigLIP and CoMM.
+"""Contrastive losses: GRAM, DAM matching, InfoNCE (CLIP / anchored), SigLIP, CoMM, Cross+Self.
 
 Every loss is a pure function of embeddings (and temperature) returning ``(loss, metrics)``,
 ``metrics`` a flat dict of scalar diagnostics. Item i of every input is the same sample, so the
 positives of an N x N score matrix sit on its diagonal.
 
-Label-smoothed cross-entropy (used by GRAM, as in the authors' code, and optionally InfoNCE),
-for a row of logits ``z`` with positive ``y`` and smoothing ``eps`` over ``N`` classes:
+**One code path.** A contrastive loss is a function of a score matrix
+``z = scale * s(R, C) + bias`` (volumes, dot products) through a few row and column statistics
+(``lse``, the positive ``pos``, the row sum ``tot``, a pointwise sum ``pw``), which
+:func:`gram_jax.distributed.pair_stats` computes. Every loss here is written once on those
+statistics; the engine's driver decides how the score matrix is evaluated:
+
+- default: dense (the full ``B x B`` matrix, plain autodiff);
+- ``chunk_size``: single device, ``chunk_size x chunk_size`` tiles with a streaming
+  log-sum-exp and a recomputing custom VJP (``O(chunk^2)`` scores; for B beyond memory);
+- ``axis_name``: call the loss inside your own ``jax.shard_map`` over the mesh axis the batch
+  is sharded on (default ``check_vma=True``), on the LOCAL shards: it returns the GLOBAL loss
+  and metrics (identical on every device) and its gradient inside the shard_map is the exact
+  gradient of the global loss. ``impl``: ``"all_gather"`` (local rows against all-gathered
+  columns; ``O(B^2 / n)`` scores per device), ``"ring"`` (``ppermute`` of candidate blocks with
+  a recomputing custom VJP; ``O((B / n)^2)``) or ``"ring_checkpoint"`` (the ring
+  differentiated through ``jax.checkpoint``; for comparison).
+
+Label-smoothed cross-entropy (GRAM, as in the authors' code, and optionally InfoNCE), for a row
+of logits ``z`` with positive ``y`` and smoothing ``eps`` over ``N`` classes:
 
     CE_eps(z, y) = -sum_j q_j log softmax(z)_j,    q_j = (1 - eps) [j = y] + eps / N
-                 = logsumexp(z) - (1 - eps) z_y - (eps / N) sum_j z_j.
+                 = logsumexp(z) - (1 - eps) z_y - (eps / N) sum_j z_j,
 
-The second form needs only a log-sum-exp, the positive and the row sum, so it streams over
-column blocks (see :mod:`gram_jax.distributed`).
+which needs only the statistics above. Metrics are the same quantities under every driver
+(accuracies use the first maximum, as argmax).
 
-**Global batch and streaming.** The contrastive losses (GRAM, InfoNCE, SigLIP, NT-Xent / CoMM)
-take three more keywords:
-
-- ``axis_name``: call the loss inside your own ``jax.shard_map`` over the mesh axis the batch is
-  sharded on (default ``check_vma=True``), on the LOCAL shards: it returns the GLOBAL loss and
-  metrics (identical on every device) and its gradient inside the shard_map is the exact
-  gradient of the global loss. ``None`` (default): the single-device loss.
-- ``impl``: with ``axis_name``, ``"all_gather"`` (local rows against all-gathered columns;
-  ``O(B^2 / n)`` scores per device), ``"ring"`` (``ppermute`` of candidate blocks with a
-  streaming log-sum-exp and a recomputing custom VJP; ``O((B / n)^2)`` scores per device) or
-  ``"ring_checkpoint"`` (the ring differentiated through ``jax.checkpoint``; for comparison).
-- ``chunk_size``: without ``axis_name``, evaluate the loss over ``chunk_size x chunk_size``
-  score tiles with a streaming log-sum-exp (``O(chunk^2)`` scores; for B beyond memory).
-
-Without these keywords the loss is the dense reference computation (the full score matrix).
-Metrics are the same quantities either way (accuracies use the first maximum, as argmax).
+**Registry.** :data:`LOSSES` maps a config's ``loss.name`` to a :class:`LossSpec` (the function,
+how config keys map to its arguments, the parameters it receives, two views or not, the
+distributed implementations it supports, its retrieval score); :func:`register_loss` adds one,
+from a library file or a user's config file. The trainer's config validation and task read it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from gram_jax.distributed import Impl, pair_stats
+from gram_jax.distributed import IMPLS, Impl, pair_stats
 from gram_jax.volume import GradientMode, pairwise_volume, validate_pairwise_inputs
 
 __all__ = [
     "Metrics",
     "temperature_from_log",
     "log_temperature_init",
+    "check_label_smoothing",
+    "check_temperature",
+    "l2_normalize",
     "smoothed_cross_entropy",
     "gram_contrastive_loss",
     "infonce_loss",
@@ -56,6 +66,10 @@ __all__ = [
     "cross_self_loss",
     "sample_hard_negatives",
     "dam_loss",
+    "LossSpec",
+    "LOSSES",
+    "register_loss",
+    "get_loss",
 ]
 
 Metrics = dict[str, Array]
@@ -63,14 +77,72 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ---------------------------------------------------------------------------------------------
-# Temperature
+# Arguments checked at the door
+# ---------------------------------------------------------------------------------------------
+
+
+def _concrete(x) -> float | None:
+    """The value of a scalar known at trace time, or None (a tracer: a learned parameter)."""
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_temperature(value, name: str = "temperature") -> None:
+    """``ValueError`` unless a temperature (or scale) known at trace time is positive and
+    finite; traced values (learnable log-temperatures, exp'd) pass unchecked."""
+    v = _concrete(value)
+    if v is not None and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive and finite, got {v}")
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """``ValueError`` unless ``0 <= label_smoothing < 1``."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def _check_arrays(**named) -> None:
+    for name, x in named.items():
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(
+                f"{name} must be an array (B, D), got a {type(x).__name__}; convert it with "
+                "jnp.asarray (a list of modalities is a list of arrays)"
+            )
+
+
+def _as_list(others) -> list:
+    if hasattr(others, "shape"):
+        return [others]
+    if not isinstance(others, Sequence):
+        raise TypeError(f"others must be an array or a sequence of arrays, got {type(others)}")
+    return list(others)
+
+
+def _check_square_batch(anchor: Array, others: Sequence[Array]) -> None:
+    _check_arrays(anchor=anchor, **{f"others[{m}]": o for m, o in enumerate(others)})
+    validate_pairwise_inputs(anchor, others)
+    if others[0].shape[0] != anchor.shape[0]:
+        raise ValueError(
+            "a contrastive loss pairs item i of every modality: anchor has "
+            f"{anchor.shape[0]} rows but the other modalities have {others[0].shape[0]}"
+        )
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature and shared pieces
 # ---------------------------------------------------------------------------------------------
 
 
 def log_temperature_init(temperature: float = 0.07) -> Float[Array, ""]:
     """Initial value of a learnable log-temperature parameter: ``log(temperature)``."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_temperature(temperature)
     return jnp.log(jnp.asarray(temperature, jnp.float32))
 
 
@@ -85,9 +157,20 @@ def temperature_from_log(
     return jnp.clip(jnp.exp(log_temperature), min_value, max_value)
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared pieces
-# ---------------------------------------------------------------------------------------------
+def l2_normalize(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "... d"]:
+    """``x / max(||x||_2, eps)`` over the last axis.
+
+    The ``max`` is taken on the squared norm (``rsqrt(max(|x|^2, eps^2))``), so no ``sqrt(0)``
+    is ever differentiated: a zero vector maps to zero with the finite gradient ``I / eps``.
+    """
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def _ce(stats: dict, label_smoothing: float, n: int) -> Array:
+    """Per-row ``CE_eps = lse - (1 - eps) z_pos - eps sum(z) / n`` (module docstring)."""
+    eps = label_smoothing
+    return stats["lse"] - (1.0 - eps) * stats["pos"] - eps * stats["tot"] / n
 
 
 def smoothed_cross_entropy(
@@ -95,9 +178,9 @@ def smoothed_cross_entropy(
     positives: Int[Array, " R"] | None = None,
     label_smoothing: float = 0.0,
 ) -> Float[Array, " R"]:
-    """Per-row ``CE_eps(z_r, y_r)`` (module docstring); positives default to the diagonal."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    """Per-row ``CE_eps(z_r, y_r)`` (module docstring) of a dense logit matrix; positives
+    default to the diagonal."""
+    check_label_smoothing(label_smoothing)
     r, c = logits.shape
     if positives is None:
         if r != c:
@@ -105,46 +188,12 @@ def smoothed_cross_entropy(
         pos = jnp.diagonal(logits)
     else:
         pos = jnp.take_along_axis(logits, positives[:, None], axis=1)[:, 0]
-    lse = jax.nn.logsumexp(logits, axis=1)
-    out = lse - (1.0 - label_smoothing) * pos
-    if label_smoothing:
-        out = out - label_smoothing * jnp.mean(logits, axis=1)
-    return out
-
-
-def _row_accuracy(logits: Array, larger_is_better: bool = True) -> Array:
-    best = jnp.argmax(logits if larger_is_better else -logits, axis=1)
-    return jnp.mean(best == jnp.arange(logits.shape[0]))
-
-
-def _offdiag_mean(x: Array) -> Array:
-    n = x.shape[0]
-    # A float: n (n - 1) overflows int32 (the jit argument type) from n = 46341 on.
-    return (jnp.sum(x) - jnp.trace(x)) / float(max(n * (n - 1), 1))
-
-
-def _check_square_batch(anchor: Array, others: Sequence[Array]) -> None:
-    validate_pairwise_inputs(anchor, others)
-    if others[0].shape[0] != anchor.shape[0]:
-        raise ValueError(
-            "a contrastive loss pairs item i of every modality: anchor has "
-            f"{anchor.shape[0]} rows but the other modalities have {others[0].shape[0]}"
-        )
-
-
-def _as_list(others) -> list:
-    if isinstance(others, jax.Array) or hasattr(others, "shape"):
-        return [others]
-    return list(others)
-
-
-def _check_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    stats = {"lse": jax.nn.logsumexp(logits, axis=1), "pos": pos, "tot": jnp.sum(logits, 1)}
+    return _ce(stats, label_smoothing, c)
 
 
 class _Global:
-    """Global-batch bookkeeping for the streamed losses: sums over the mesh axis, global ids."""
+    """Batch bookkeeping over the statistics: sums over the mesh axis (if any), global ids."""
 
     def __init__(self, local_batch: int, axis_name: str | None):
         self.axis_name = axis_name
@@ -165,21 +214,21 @@ class _Global:
 
     def offdiag_mean(self, stats: dict) -> Array:
         """Mean of the off-diagonal scores from the row sums and the diagonal."""
+        # A float: n (n - 1) overflows int32 from n = 46341 on.
         return (self.sum(stats["tot"]) - self.sum(stats["pos"])) / float(max(self.n**2 - self.n, 1))
 
 
-def _ce(stats: dict, label_smoothing: float, n: int) -> Array:
-    """Per-row ``CE_eps`` from streamed statistics: ``lse - (1 - eps) z_pos - eps mean(z)``."""
-    eps = label_smoothing
-    return stats["lse"] - (1.0 - eps) * stats["pos"] - eps * stats["tot"] / n
+def _symmetric_ce(row: dict, col: dict, label_smoothing: float, g: _Global) -> Array:
+    """``1/2 [mean_i CE_eps(z_i., i) + mean_j CE_eps(z_.j, j)]`` over the global batch."""
+    return 0.5 * (g.mean(_ce(row, label_smoothing, g.n)) + g.mean(_ce(col, label_smoothing, g.n)))
 
 
 def _dot_score(x: Array, y: Array) -> Array:
     return jnp.matmul(x, y.T, precision=_HIGHEST)
 
 
-def _streamed(axis_name, chunk_size) -> bool:
-    return axis_name is not None or chunk_size is not None
+def _no_grad(tree):
+    return jax.lax.stop_gradient(tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +266,7 @@ def gram_contrastive_loss(
         ``1/2 [CE(-V(t, sg(o)) / tau) + CE(-V(sg(t), o)^T / tau)]``; same value, different
         gradient.
       volume_gradient: ``"safe"`` or ``"faithful"`` square root (see :mod:`gram_jax.volume`).
-      axis_name: mesh axis of the batch when called inside ``shard_map`` on local shards
-        (module docstring); the result is the global loss.
-      impl: ``"all_gather"``, ``"ring"`` or ``"ring_checkpoint"`` (with ``axis_name``).
-      chunk_size: single-device tile size for the streaming evaluation.
+      axis_name, impl, chunk_size: the driver (module docstring); the result is the global loss.
 
     Returns:
       ``(loss, metrics)``; metrics: ``loss``, ``temperature``, ``volume/positive`` and
@@ -228,58 +274,17 @@ def gram_contrastive_loss(
     """
     others = _as_list(others)
     _check_square_batch(anchor, others)
-    if _streamed(axis_name, chunk_size):
-        return _gram_streamed(
-            anchor, others, temperature, label_smoothing, gradient, volume_gradient,
-            axis_name, impl, chunk_size,
-        )  # fmt: skip
-    if gradient == "exact":
-        v = pairwise_volume(anchor, *others, gradient=volume_gradient)
-        v_row, v_col = v, v
-    elif gradient == "faithful":
-        sg = jax.lax.stop_gradient
-        v_row = pairwise_volume(anchor, *[sg(o) for o in others], gradient=volume_gradient)
-        v_col = pairwise_volume(sg(anchor), *others, gradient=volume_gradient)
-        v = v_row
-    else:
-        raise ValueError(f"gradient must be 'exact' or 'faithful', got {gradient!r}")
-    row = smoothed_cross_entropy(-v_row / temperature, label_smoothing=label_smoothing)
-    col = smoothed_cross_entropy(-v_col.T / temperature, label_smoothing=label_smoothing)
-    loss = 0.5 * (jnp.mean(row) + jnp.mean(col))
-    vs = jax.lax.stop_gradient(v)
-    metrics = {
-        "loss": loss,
-        "temperature": jnp.asarray(temperature, jnp.float32),
-        "volume/positive": jnp.mean(jnp.diagonal(vs)),
-        "volume/negative": _offdiag_mean(vs),
-        "accuracy/anchor_to_rest": _row_accuracy(vs, larger_is_better=False),
-        "accuracy/rest_to_anchor": _row_accuracy(vs.T, larger_is_better=False),
-    }
-    return loss, metrics
-
-
-def _gram_streamed(
-    anchor, others, temperature, label_smoothing, gradient, volume_gradient, axis_name, impl,
-    chunk_size,
-):  # fmt: skip
-    """:func:`gram_contrastive_loss` through :func:`gram_jax.distributed.pair_stats`."""
-    _check_smoothing(label_smoothing)
-    if gradient not in ("exact", "faithful"):
-        raise ValueError(f"gradient must be 'exact' or 'faithful', got {gradient!r}")
-
-    def score(a, o):
-        return pairwise_volume(a, *o, gradient=volume_gradient)
-
-    # z = -V / tau: scale = -1 / tau.
+    check_temperature(temperature)
+    check_label_smoothing(label_smoothing)
+    _check_choice("gradient", gradient, ("exact", "faithful"))
     row, col = pair_stats(
-        score, anchor, tuple(others), -1.0 / temperature, axis_name=axis_name, impl=impl,
-        chunk_size=chunk_size, faithful=gradient == "faithful",
+        lambda a, o: pairwise_volume(a, *o, gradient=volume_gradient),
+        anchor, tuple(others), -1.0 / temperature,  # z = -V / tau
+        axis_name=axis_name, impl=impl, chunk_size=chunk_size, faithful=gradient == "faithful",
     )  # fmt: skip
     g = _Global(anchor.shape[0], axis_name)
-    loss = 0.5 * (g.sum(_ce(row, label_smoothing, g.n)) + g.sum(_ce(col, label_smoothing, g.n)))
-    loss = loss / g.n
-    tau = jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32))
-    stats = jax.lax.stop_gradient({k: row[k] for k in ("pos", "tot")})
+    loss = _symmetric_ce(row, col, label_smoothing, g)
+    tau, stats = _no_grad(jnp.asarray(temperature, jnp.float32)), _no_grad(row)
     metrics = {
         "loss": loss,
         "temperature": jnp.asarray(temperature, jnp.float32),
@@ -294,13 +299,6 @@ def _gram_streamed(
 # ---------------------------------------------------------------------------------------------
 # InfoNCE / CLIP and SigLIP
 # ---------------------------------------------------------------------------------------------
-
-
-def _clip_pair(x: Array, y: Array, temperature, label_smoothing: float) -> tuple[Array, Array]:
-    logits = jnp.matmul(x, y.T, precision=_HIGHEST) / temperature
-    row = smoothed_cross_entropy(logits, label_smoothing=label_smoothing)
-    col = smoothed_cross_entropy(logits.T, label_smoothing=label_smoothing)
-    return 0.5 * (jnp.mean(row) + jnp.mean(col)), logits
 
 
 def infonce_loss(
@@ -322,35 +320,30 @@ def infonce_loss(
     - ``pairs="anchored"`` (ImageBind / LanguageBind): mean over m of ``L(anchor, others[m])``.
     - ``pairs="all"``: mean of ``L`` over all k(k-1)/2 pairs of ``[anchor, *others]``.
 
-    Embeddings are expected L2-normalised. ``axis_name`` / ``impl`` / ``chunk_size``: global
-    batch on a mesh or single-device tiling (module docstring). Returns ``(loss, metrics)``.
+    Embeddings are expected L2-normalised. ``axis_name`` / ``impl`` / ``chunk_size``: the
+    driver (module docstring). Returns ``(loss, metrics)``.
     """
     others = _as_list(others)
     _check_square_batch(anchor, others)
+    check_temperature(temperature)
+    check_label_smoothing(label_smoothing)
+    _check_choice("pairs", pairs, ("anchored", "all"))
     mods = [anchor, *others]
-    if pairs == "anchored":
-        index_pairs = [(0, m) for m in range(1, len(mods))]
-    elif pairs == "all":
-        index_pairs = [(a, b) for a in range(len(mods)) for b in range(a + 1, len(mods))]
-    else:
-        raise ValueError(f"pairs must be 'anchored' or 'all', got {pairs!r}")
-    if _streamed(axis_name, chunk_size):
-        return _infonce_streamed(
-            mods, index_pairs, temperature, label_smoothing, axis_name, impl, chunk_size
-        )
+    k = len(mods)
+    index_pairs = [(a, b) for a in range(k) for b in range(a + 1, k) if pairs == "all" or a == 0]
+    g = _Global(anchor.shape[0], axis_name)
+    tau = _no_grad(jnp.asarray(temperature, jnp.float32))
     losses, pos, neg, acc = [], [], [], []
     for a, b in index_pairs:
-        loss_ab, logits = _clip_pair(mods[a], mods[b], temperature, label_smoothing)
-        sim = jax.lax.stop_gradient(logits) * temperature
-        losses.append(loss_ab)
-        pos.append(jnp.mean(jnp.diagonal(sim)))
-        neg.append(_offdiag_mean(sim))
-        acc.append(_row_accuracy(sim))
-    return _pairs_result(temperature, losses, pos, neg, acc)
-
-
-def _pairs_result(temperature, losses, pos, neg, acc) -> tuple[Array, dict[str, Array]]:
-    """Mean loss over the modality pairs and the metrics averaged alike."""
+        row, col = pair_stats(
+            _dot_score, mods[a], mods[b], 1.0 / temperature,
+            axis_name=axis_name, impl=impl, chunk_size=chunk_size,
+        )  # fmt: skip
+        losses.append(_symmetric_ce(row, col, label_smoothing, g))
+        stats = _no_grad(row)
+        pos.append(tau * g.mean(stats["pos"]))  # cosine = logit * tau
+        neg.append(tau * g.offdiag_mean(stats))
+        acc.append(g.accuracy(row))
     loss = jnp.mean(jnp.stack(losses))
     metrics = {
         "loss": loss,
@@ -362,29 +355,9 @@ def _pairs_result(temperature, losses, pos, neg, acc) -> tuple[Array, dict[str, 
     return loss, metrics
 
 
-def _infonce_streamed(mods, index_pairs, temperature, label_smoothing, axis_name, impl, chunk):
-    """:func:`infonce_loss` through :func:`gram_jax.distributed.pair_stats`, pair by pair."""
-    _check_smoothing(label_smoothing)
-    g = _Global(mods[0].shape[0], axis_name)
-    tau = jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32))
-    losses, pos, neg, acc = [], [], [], []
-    for a, b in index_pairs:
-        row, col = pair_stats(
-            _dot_score, mods[a], mods[b], 1.0 / temperature, axis_name=axis_name, impl=impl,
-            chunk_size=chunk,
-        )  # fmt: skip
-        ce = g.sum(_ce(row, label_smoothing, g.n)) + g.sum(_ce(col, label_smoothing, g.n))
-        losses.append(0.5 * ce / g.n)
-        stats = jax.lax.stop_gradient({k: row[k] for k in ("pos", "tot")})
-        pos.append(tau * g.mean(stats["pos"]))  # cosine = logit * tau
-        neg.append(tau * g.offdiag_mean(stats))
-        acc.append(g.accuracy(row))
-    return _pairs_result(temperature, losses, pos, neg, acc)
-
-
 def _siglip_pointwise(z: Array, is_positive: Array) -> Array:
-    """``-log sigmoid(l z)`` with ``l = +1`` on positives and ``-1`` elsewhere."""
-    return -jax.nn.log_sigmoid(jnp.where(is_positive, z, -z))
+    """``-log sigmoid(l z) = softplus(-l z)`` with ``l = +1`` on positives, ``-1`` elsewhere."""
+    return jax.nn.softplus(jnp.where(is_positive, -z, z))
 
 
 def siglip_loss(
@@ -404,41 +377,25 @@ def siglip_loss(
 
     ``scale`` is t (SigLIP learns ``log t``, init log 10) and ``bias`` b (init -10). If ``y`` is
     a sequence, the loss is the mean over ``L(x, y[m])`` (anchored on ``x``).
-    ``axis_name`` / ``impl`` / ``chunk_size``: global batch on a mesh or single-device tiling
-    (module docstring); SigLIP needs only row sums, so no statistic travels back in the ring.
+    ``axis_name`` / ``impl`` / ``chunk_size``: the driver (module docstring); SigLIP needs only
+    row sums, so no column statistic is computed.
     """
     ys = _as_list(y)
     _check_square_batch(x, ys)
-    if _streamed(axis_name, chunk_size):
-        g = _Global(x.shape[0], axis_name)
-        losses, pos, neg = [], [], []
-        for ym in ys:
-            row, _ = pair_stats(
-                _dot_score, x, ym, scale, bias, axis_name=axis_name, impl=impl,
-                chunk_size=chunk_size, lse=False, pointwise=_siglip_pointwise, cols_stats=False,
-            )  # fmt: skip
-            losses.append(g.mean(row["pw"]))
-            stats = jax.lax.stop_gradient(row)
-            pos.append(g.mean(stats["pos"]))
-            neg.append(g.offdiag_mean(stats))
-        loss = jnp.mean(jnp.stack(losses))
-        metrics = {
-            "loss": loss,
-            "scale": jnp.asarray(scale, jnp.float32),
-            "bias": jnp.asarray(bias, jnp.float32),
-            "logit/positive": jnp.mean(jnp.stack(pos)),
-            "logit/negative": jnp.mean(jnp.stack(neg)),
-        }
-        return loss, metrics
-    b = x.shape[0]
-    labels = 2.0 * jnp.eye(b, dtype=x.dtype) - 1.0
+    check_temperature(scale, "scale")
+    if (b := _concrete(bias)) is not None and not math.isfinite(b):
+        raise ValueError(f"bias must be finite, got {b}")
+    g = _Global(x.shape[0], axis_name)
     losses, pos, neg = [], [], []
     for ym in ys:
-        z = scale * jnp.matmul(x, ym.T, precision=_HIGHEST) + bias
-        losses.append(-jnp.sum(jax.nn.log_sigmoid(labels * z)) / b)
-        zs = jax.lax.stop_gradient(z)
-        pos.append(jnp.mean(jnp.diagonal(zs)))
-        neg.append(_offdiag_mean(zs))
+        row, _ = pair_stats(
+            _dot_score, x, ym, scale, bias, axis_name=axis_name, impl=impl,
+            chunk_size=chunk_size, lse=False, pointwise=_siglip_pointwise, cols_stats=False,
+        )  # fmt: skip
+        losses.append(g.mean(row["pw"]))
+        stats = _no_grad(row)
+        pos.append(g.mean(stats["pos"]))
+        neg.append(g.offdiag_mean(stats))
     loss = jnp.mean(jnp.stack(losses))
     metrics = {
         "loss": loss,
@@ -451,13 +408,8 @@ def siglip_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# CoMM
+# NT-Xent: CoMM and Cross+Self
 # ---------------------------------------------------------------------------------------------
-
-
-def _l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def nt_xent(
@@ -473,47 +425,47 @@ def nt_xent(
     With ``S_ab = a b^T / tau``, ``S_aa = a a^T / tau`` and ``S_bb`` (self-similarities
     excluded), row k of ``[S_ab | S_aa]`` has positive ``S_ab[k, k]`` and row k of
     ``[S_bb | S_ab^T]`` has positive ``S_ab^T[k, k]``; NTX is the mean CE over those 2N rows
-    (negatives from both views: intra-view negatives). Returns ``(loss, top-1 accuracy)``.
-    ``axis_name`` / ``impl`` / ``chunk_size``: global batch on a mesh or single-device tiling
-    (module docstring): the LSEs of ``S_ab`` (rows and columns), ``S_aa`` and ``S_bb`` (rows,
-    diagonal masked) are streamed separately and combined with ``logaddexp``.
+    (negatives from both views: intra-view negatives):
+
+        NTX = 1/2 mean_k [lse(S_ab[k.], S_aa[k.]) + lse(S_ab[.k], S_bb[k.]) - 2 S_ab[kk]]
+
+    the LSEs of each block streamed separately and combined with ``logaddexp``. Returns
+    ``(loss, top-1 accuracy)``. ``axis_name`` / ``impl`` / ``chunk_size``: the driver.
     """
-    a, b = _l2_normalize(a), _l2_normalize(b)
-    if _streamed(axis_name, chunk_size):
-        kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
-        scale = 1.0 / temperature
-        ab_row, ab_col = pair_stats(_dot_score, a, b, scale, **kw)
-        aa, _ = pair_stats(_dot_score, a, a, scale, cols_stats=False, mask_diagonal=True, **kw)
-        bb, _ = pair_stats(_dot_score, b, b, scale, cols_stats=False, mask_diagonal=True, **kw)
-        g = _Global(a.shape[0], axis_name)
-        lse_a = jnp.logaddexp(ab_row["lse"], aa["lse"])
-        lse_b = jnp.logaddexp(ab_col["lse"], bb["lse"])
-        loss = 0.5 * (g.mean(lse_a - ab_row["pos"]) + g.mean(lse_b - ab_col["pos"]))
-        return loss, 0.5 * (g.accuracy(ab_row) + g.accuracy(ab_col))
-    n = a.shape[0]
-    s_ab = jnp.matmul(a, b.T, precision=_HIGHEST) / temperature
-    # Self-similarities are removed with -inf (the authors subtract 1e8: same result).
-    diag = jnp.eye(n, dtype=bool)
-    s_aa = jnp.where(diag, -jnp.inf, jnp.matmul(a, a.T, precision=_HIGHEST) / temperature)
-    s_bb = jnp.where(diag, -jnp.inf, jnp.matmul(b, b.T, precision=_HIGHEST) / temperature)
-    pos = jnp.diagonal(s_ab)
-    lse_a = jax.nn.logsumexp(jnp.concatenate([s_ab, s_aa], axis=1), axis=1)
-    lse_b = jax.nn.logsumexp(jnp.concatenate([s_bb, s_ab.T], axis=1), axis=1)
-    loss = 0.5 * (jnp.mean(lse_a - pos) + jnp.mean(lse_b - pos))
-    s = jax.lax.stop_gradient(s_ab)
-    acc = 0.5 * (_row_accuracy(s) + _row_accuracy(s.T))
-    return loss, acc
+    _check_arrays(a=a, b=b)
+    check_temperature(temperature)
+    a, b = l2_normalize(a), l2_normalize(b)
+    kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
+    scale = 1.0 / temperature
+    ab_row, ab_col = pair_stats(_dot_score, a, b, scale, **kw)
+    # Self-similarities are left out of the LSE (the authors subtract 1e8: same result).
+    aa, _ = pair_stats(_dot_score, a, a, scale, cols_stats=False, mask_diagonal=True, **kw)
+    bb, _ = pair_stats(_dot_score, b, b, scale, cols_stats=False, mask_diagonal=True, **kw)
+    g = _Global(a.shape[0], axis_name)
+    lse_a = jnp.logaddexp(ab_row["lse"], aa["lse"])
+    lse_b = jnp.logaddexp(ab_col["lse"], bb["lse"])
+    loss = 0.5 * (g.mean(lse_a - ab_row["pos"]) + g.mean(lse_b - ab_col["pos"]))
+    return loss, 0.5 * (g.accuracy(ab_row) + g.accuracy(ab_col))
 
 
 def _check_two_views(view1, view2, what: str) -> None:
-    """Two equally long (>= 2) sequences of same-shaped (B, d) embeddings, or a named error."""
+    """Two equally long (>= 2) sequences of same-shaped non-empty (B, d) floating arrays."""
+    if hasattr(view1, "shape") or hasattr(view2, "shape"):
+        raise TypeError("view1 and view2 must be sequences of (B, d) arrays, one per entry")
     if len(view1) != len(view2) or len(view1) < 2:
         raise ValueError(
             f"view1 and view2 must hold the same number {what}; got {len(view1)} and {len(view2)}"
         )
+    named = {f"view{v}[{i}]": z for v, vs in ((1, view1), (2, view2)) for i, z in enumerate(vs)}
+    _check_arrays(**named)
     shapes = {jnp.shape(z) for z in (*view1, *view2)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"every embedding must have the same shape (B, d), got {shapes}")
+    if next(iter(shapes))[0] == 0:
+        raise ValueError("empty batch: the views hold 0 rows")
+    for z in (*view1, *view2):
+        if not jnp.issubdtype(z.dtype, jnp.floating):
+            raise ValueError(f"embeddings must be floating arrays, got dtype {z.dtype}")
 
 
 def comm_loss(
@@ -534,29 +486,23 @@ def comm_loss(
 
     so ``l_full = NTX(z'_full, z''_full)`` is the -I(Z', Z'') term and each masked term aligns a
     single-modality view with the other view's full embedding. ``axis_name`` / ``impl`` /
-    ``chunk_size`` are passed to every :func:`nt_xent` (global batch on a mesh, or tiling).
+    ``chunk_size`` are passed to every :func:`nt_xent`.
     """
     _check_two_views(
         view1, view2, "(n + 1 >= 2) of embeddings: the n single-modality ones then the full one"
     )
+    ntx = lambda x, y: nt_xent(x, y, temperature, axis_name, impl, chunk_size)
     full1, full2 = view1[-1], view2[-1]
-    kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
-    terms, metrics = [], {}
-    for i in range(len(view1)):
-        if i == len(view1) - 1:
-            li, acc = nt_xent(full1, full2, temperature, **kw)
-        else:
-            l12, a12 = nt_xent(view1[i], full2, temperature, **kw)
-            l21, a21 = nt_xent(view2[i], full1, temperature, **kw)
-            li, acc = 0.5 * (l12 + l21), 0.5 * (a12 + a21)
-        name = "full" if i == len(view1) - 1 else str(i)
+    terms = [ntx(full1, full2)] + [
+        jax.tree.map(lambda u, v: 0.5 * (u + v), ntx(z1, full2), ntx(z2, full1))
+        for z1, z2 in zip(view1[:-1], view2[:-1], strict=True)
+    ]
+    metrics = {}
+    for name, (li, acc) in zip(["full", *map(str, range(len(view1) - 1))], terms, strict=True):
         metrics[f"comm/loss_{name}"] = li
         metrics[f"comm/accuracy_{name}"] = acc
-        terms.append(li)
-    loss = jnp.mean(jnp.stack(terms))
-    metrics["loss"] = loss
-    metrics["temperature"] = jnp.asarray(temperature, jnp.float32)
-    return loss, metrics
+    loss = jnp.mean(jnp.stack([t[0] for t in terms]))
+    return loss, metrics | {"loss": loss, "temperature": jnp.asarray(temperature, jnp.float32)}
 
 
 def cross_self_loss(
@@ -564,6 +510,9 @@ def cross_self_loss(
     view2: Sequence[Float[Array, "B d"]],
     temperature: float = 0.1,
     ssl_scale: float = 1.0,
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """The "Cross+Self" baseline of CoMM (its ``CrossSelfLoss``): cross-modal + SimCLR terms.
 
@@ -578,27 +527,22 @@ def cross_self_loss(
     For k = 2 this is the authors' ``NTX(z_1, z_2) + ssl_scale * 1/2 [NTX(z'_1, z''_1) +
     NTX(z'_2, z''_2)]`` with the cross term averaged over both views (their cross term sees a
     separate weakly augmented view; here both augmented views serve it).
+    ``axis_name`` / ``impl`` / ``chunk_size`` are passed to every :func:`nt_xent`.
     """
     _check_two_views(view1, view2, "(k >= 2) of per-modality embeddings")
+    ntx = lambda x, y: nt_xent(x, y, temperature, axis_name, impl, chunk_size)
     k = len(view1)
-    cross, cross_acc = [], []
-    for view in (view1, view2):
-        for i in range(k):
-            for j in range(i + 1, k):
-                loss, acc = nt_xent(view[i], view[j], temperature)
-                cross.append(loss)
-                cross_acc.append(acc)
-    pairs = [nt_xent(a, b, temperature) for a, b in zip(view1, view2, strict=True)]
-    selfs, self_acc = [p[0] for p in pairs], [p[1] for p in pairs]
-    l_cross = jnp.mean(jnp.stack(cross))
-    l_self = jnp.mean(jnp.stack(selfs))
+    cross = [ntx(v[i], v[j]) for v in (view1, view2) for i in range(k) for j in range(i + 1, k)]
+    selfs = [ntx(a, b) for a, b in zip(view1, view2, strict=True)]
+    mean = lambda terms, i: jnp.mean(jnp.stack([t[i] for t in terms]))
+    l_cross, l_self = mean(cross, 0), mean(selfs, 0)
     loss = l_cross + ssl_scale * l_self
     metrics = {
         "loss": loss,
         "cross_self/loss_cross": l_cross,
         "cross_self/loss_self": l_self,
-        "cross_self/accuracy_cross": jnp.mean(jnp.stack(cross_acc)),
-        "cross_self/accuracy_self": jnp.mean(jnp.stack(self_acc)),
+        "cross_self/accuracy_cross": mean(cross, 1),
+        "cross_self/accuracy_self": mean(selfs, 1),
         "temperature": jnp.asarray(temperature, jnp.float32),
     }
     return loss, metrics
@@ -674,3 +618,90 @@ def dam_loss(
         )
     loss = jnp.mean(per)
     return loss, {"loss": loss, "dam/accuracy": jnp.mean(pred == labels)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: what the trainer needs to know about each loss
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One loss of the trainer (``config.loss.name``).
+
+    The task calls ``fn(anchor, others, **params, **{arg: config.loss[key] for arg, key in
+    args.items()})`` (``others`` the list of non-anchor embeddings), or ``fn(view1, view2, ...)``
+    with the two augmented views' lists of (B, d) embeddings when ``two_views``; under a
+    sharded ``config.loss.impl`` it adds ``axis_name=`` and ``impl=`` and runs inside
+    ``shard_map`` on the local shards.
+
+    Attributes:
+      fn: the loss, ``(...) -> (loss, metrics)``.
+      args: ``fn`` keyword -> key of ``config.loss`` it takes its value from.
+      config_keys: keys this loss adds to ``config.loss``, with defaults (its own settings).
+      params: the learnable scalars it receives: ``"temperature"`` (``temperature=``, the
+        model's ``LearnableTemperature``; the constant ``model.temperature_init`` when
+        ``model.learn_temperature`` is False), ``"scale_bias"`` (``scale=``, ``bias=``: SigLIP's
+        ``SigLIPScaleBias`` that ``build_model`` creates as ``model.siglip``) or None.
+      model: ``"gram"`` (one tower per modality, ``GramModel``) or ``"comm"`` (CoMM's fusion).
+      two_views: needs two augmented views per example (``config.data.two_views``).
+      impls: the sharded implementations it supports besides ``"gspmd"`` (which always works).
+      score: the retrieval score of its geometry (``"volume"``, ``"cosine"``) or None.
+    """
+
+    fn: Callable[..., tuple[Array, Metrics]]
+    args: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    config_keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    params: Literal["temperature", "scale_bias"] | None = "temperature"
+    model: Literal["gram", "comm"] = "gram"
+    two_views: bool = False
+    impls: tuple[str, ...] = IMPLS
+    score: str | None = "cosine"
+
+
+LOSSES: dict[str, LossSpec] = {}
+_BUILTIN: set[str] = set()
+
+
+def register_loss(name: str, fn: Callable, **spec: Any) -> LossSpec:
+    """Make ``fn`` trainable as ``config.loss.name = name``; ``spec``: :class:`LossSpec` fields.
+
+    Call it from a library file or a user's config file (before ``get_config`` returns).
+    Built-in names are reserved; a user name may be registered again (a reloaded config).
+    """
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in loss; register yours under another name")
+    s = LossSpec(fn, **spec)
+    if s.params not in ("temperature", "scale_bias", None):
+        raise ValueError(f"params must be 'temperature', 'scale_bias' or None, got {s.params!r}")
+    if s.model not in ("gram", "comm"):
+        raise ValueError(f"model must be 'gram' or 'comm', got {s.model!r}")
+    if s.model == "comm" and s.params is not None:
+        raise ValueError("a 'comm'-model loss gets no learnable params (CoMMModel holds none)")
+    if bad := set(s.impls) - set(IMPLS):
+        raise ValueError(f"impls {sorted(bad)} are not among {IMPLS}")
+    LOSSES[name] = s
+    return s
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered :class:`LossSpec` of ``name`` (``KeyError`` naming the known ones)."""
+    if name not in LOSSES:
+        raise KeyError(f"no loss {name!r}; registered: {tuple(LOSSES)}")
+    return LOSSES[name]
+
+
+def _builtin(name: str, fn: Callable, **spec: Any) -> None:
+    register_loss(name, fn, **spec)
+    _BUILTIN.add(name)
+
+
+_NTX_TAU = {"temperature": "nt_xent_temperature"}
+_builtin(
+    "gram", gram_contrastive_loss,
+    args={"label_smoothing": "label_smoothing", "gradient": "gradient"}, score="volume",
+)  # fmt: skip
+_builtin("infonce", infonce_loss, args={"label_smoothing": "label_smoothing", "pairs": "pairs"})
+_builtin("siglip", siglip_loss, params="scale_bias")
+_builtin("comm", comm_loss, args=_NTX_TAU, params=None, model="comm", two_views=True)
+_builtin("cross_self", cross_self_loss, args=_NTX_TAU, params=None, two_views=True)

@@ -535,3 +535,128 @@ def test_gram_loss_under_jit_vmap_and_grad():
     # Gradient w.r.t. the temperature as a raw value.
     g_tau = jax.jit(jax.grad(lambda t: gram_contrastive_loss(anchor, others, t)[0]))(TAU)
     assert np.isfinite(float(g_tau))
+
+
+def _door_calls():
+    """Arguments checked at the door: (id, call, exception, message)."""
+    rng = np.random.default_rng(0)
+    a, v = unit_rows(rng, 4, 8), unit_rows(rng, 4, 8)
+    out = []
+    for tau in (0.0, -0.07, float("inf"), float("nan")):
+        out += [
+            (f"gram tau={tau}", lambda t=tau: gram_contrastive_loss(a, [v], t), "temperature"),
+            (f"infonce tau={tau}", lambda t=tau: infonce_loss(a, v, t), "temperature"),
+            (f"comm tau={tau}", lambda t=tau: comm_loss([a, v], [v, a], t), "temperature"),
+        ]
+    out += [
+        # The chunked path used to divide by zero before any check.
+        ("chunked tau=0", lambda: gram_contrastive_loss(a, [v], 0.0, chunk_size=2), "positive"),
+        ("jitted constant tau", lambda: jax.jit(lambda x: infonce_loss(x, v, 0.0))(a), "positive"),
+        ("siglip scale", lambda: siglip_loss(a, v, -1.0, 0.0), "scale must be positive"),
+        ("siglip bias", lambda: siglip_loss(a, v, 10.0, float("nan")), "bias must be finite"),
+        ("impl without mesh", lambda: infonce_loss(a, v, TAU, impl="rign"), "impl must be one of"),
+        ("chunk 1.5", lambda: infonce_loss(a, v, TAU, chunk_size=1.5), "chunk_size must be an int"),
+        ("comm integer", lambda: comm_loss([a, v.astype(np.int32)], [a, v], 0.1), "floating"),
+        ("comm empty", lambda: comm_loss([a[:0], v[:0]], [a[:0], v[:0]], 0.1), "empty batch"),
+    ]
+    return out
+
+
+@pytest.mark.parametrize(
+    "call,match", [c[1:] for c in _door_calls()], ids=[c[0] for c in _door_calls()]
+)
+def test_arguments_are_checked_at_the_door(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_lists_are_not_arrays():
+    rng = np.random.default_rng(0)
+    a, v = unit_rows(rng, 4, 8), unit_rows(rng, 4, 8)
+    with pytest.raises(TypeError, match=r"anchor must be an array \(B, D\), got a list"):
+        gram_contrastive_loss(a.tolist(), [v], TAU)
+    with pytest.raises(TypeError, match=r"others\[0\] must be an array"):
+        infonce_loss(a, [v.tolist()], TAU)
+    with pytest.raises(TypeError, match=r"view1\[1\] must be an array"):
+        comm_loss([a, v.tolist()], [a, v], 0.1)
+    with pytest.raises(TypeError, match="sequences of"):
+        comm_loss(a, v, 0.1)
+
+
+def test_learnable_temperature_is_not_checked_at_trace_time():
+    # A traced tau (exp of a learned log-tau) is the caller's: the loss stays differentiable.
+    rng = np.random.default_rng(1)
+    a, v = unit_rows(rng, 4, 8), unit_rows(rng, 4, 8)
+    g = jax.jit(jax.grad(lambda s: gram_contrastive_loss(a, [v], jnp.exp(s))[0]))(jnp.log(TAU))
+    assert np.isfinite(float(g)) and float(g) != 0.0
+
+
+def np_nt_xent(a, b, tau) -> float:
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    s_ab, s_aa, s_bb = an @ bn.T / tau, an @ an.T / tau, bn @ bn.T / tau
+    n, rows = len(a), []
+    for k in range(n):
+        ra = np.concatenate([s_ab[k], np.delete(s_aa[k], k)])
+        rb = np.concatenate([np.delete(s_bb[k], k), s_ab[:, k]])
+        rows += [np.log(np.exp(ra).sum()) - s_ab[k, k], np.log(np.exp(rb).sum()) - s_ab[k, k]]
+    return float(np.mean(rows))
+
+
+_FD_CASES = {
+    # name: (library loss of (x, y, z) in float64, its NumPy reference)
+    "gram": (
+        lambda x, y, z: gram_contrastive_loss(x, [y, z], 0.2, label_smoothing=0.1)[0],
+        lambda x, y, z: np_gram_loss(x, [y, z], 0.2, 0.1),
+    ),
+    "infonce_all_smoothed": (
+        lambda x, y, z: infonce_loss(x, [y, z], 0.1, label_smoothing=0.1, pairs="all")[0],
+        lambda x, y, z: (
+            (np_clip(x, y, 0.1, 0.1) + np_clip(x, z, 0.1, 0.1) + np_clip(y, z, 0.1, 0.1)) / 3
+        ),
+    ),
+    "siglip": (
+        lambda x, y, z: siglip_loss(x, [y, z], 3.0, -1.0)[0],
+        lambda x, y, z: 0.5 * (np_siglip(x, y, 3.0, -1.0) + np_siglip(x, z, 3.0, -1.0)),
+    ),
+    "nt_xent": (
+        lambda x, y, z: nt_xent(x, y + z, 0.1)[0],
+        lambda x, y, z: np_nt_xent(x, y + z, 0.1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_FD_CASES))
+def test_gradients_match_numpy_finite_differences(name):
+    """Every entry of d loss / d inputs (float64) against central differences of the NumPy
+    reference: the engine's statistics differentiate like the formula."""
+    loss_fn, ref = _FD_CASES[name]
+    rng = np.random.default_rng(11)
+    xs = [unit_rows(rng, 4, 5).astype(np.float64) for _ in range(3)]
+    with jax.enable_x64(True):
+        grads = jax.grad(loss_fn, argnums=(0, 1, 2))(*[jnp.asarray(x) for x in xs])
+        grads = [np.asarray(g) for g in grads]
+    h = 1e-6
+    for m in range(3):
+        fd = np.zeros_like(xs[m])
+        for idx in np.ndindex(xs[m].shape):
+            plus, minus = [x.copy() for x in xs], [x.copy() for x in xs]
+            plus[m][idx] += h
+            minus[m][idx] -= h
+            fd[idx] = (ref(*plus) - ref(*minus)) / (2 * h)
+        np.testing.assert_allclose(grads[m], fd, rtol=1e-5, atol=1e-7, err_msg=f"{name} input {m}")
+
+
+def test_accuracies_take_the_first_best_on_ties():
+    # Candidate 0 duplicated at 1 and 2: rows 0, 1 and 2 tie; the first index wins, as argmin.
+    rng = np.random.default_rng(12)
+    t, v, a = (unit_rows(rng, 6, 8) for _ in range(3))
+    v[1], a[1], v[2], a[2] = v[0], a[0], v[0], a[0]
+    _, metrics = gram_contrastive_loss(t, [v, a], TAU)
+    vol = np.asarray(pairwise_volume(t, v, a))
+    assert float(metrics["accuracy/anchor_to_rest"]) == pytest.approx(
+        np.mean(np.argmin(vol, axis=1) == np.arange(6))
+    )
+    assert float(metrics["accuracy/rest_to_anchor"]) == pytest.approx(
+        np.mean(np.argmin(vol, axis=0) == np.arange(6))
+    )

@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from gram_jax.losses import l2_normalize  # one definition, shared with nt_xent
+
 __all__ = ["l2_normalize", "ProjectionHead", "LearnableTemperature", "SigLIPScaleBias"]
-
-
-def l2_normalize(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "... d"]:
-    """``x / max(||x||_2, eps)`` over the last axis.
-
-    The ``max`` is taken on the squared norm (``rsqrt(max(|x|^2, eps^2))``), so no ``sqrt(0)``
-    is ever differentiated: a zero vector maps to zero with the finite gradient ``I / eps``.
-    """
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class ProjectionHead(nnx.Module):

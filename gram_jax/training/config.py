@@ -17,12 +17,15 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import math
 import pathlib
 from typing import Any
 
 import ml_collections
 
+from gram_jax import losses
 from gram_jax import modalities as modality_lib
+from gram_jax.distributed import IMPLS
 
 __all__ = [
     "ConfigError",
@@ -31,13 +34,14 @@ __all__ = [
     "load_config",
     "apply_override",
     "validate",
-    "LOSSES",
     "LOSS_IMPLS",
     "modality",
 ]
 
-LOSSES = ("gram", "infonce", "siglip", "comm", "cross_self")
-LOSS_IMPLS = ("gspmd", "all_gather", "ring")
+# The losses are the registry gram_jax.losses.LOSSES (register_loss adds one).
+LOSS_IMPLS = ("gspmd", *IMPLS)
+# Old key -> its new name; the old one is still accepted (in files and overrides).
+RENAMED_KEYS = {"loss.comm_temperature": "loss.nt_xent_temperature"}
 SCHEDULES = ("cosine", "linear", "constant")
 PRESETS = ("tiny", "small", "base", "large")
 SCORES = ("volume", "span_distance", "cosine")
@@ -74,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.anchor = "text"
     c.model.embed_dim = 64
     c.model.temperature_init = 0.07
-    c.model.learn_temperature = True
+    c.model.learn_temperature = True  # False: tau stays temperature_init (losses with one)
     c.model.dtype = "float32"  # compute dtype of the encoders: "float32" or "bfloat16"
     # CoMM only: fusion transformer and projector (docs/authors_code.md section 7).
     c.model.fusion_width = 64
@@ -102,7 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.gradient = "exact"  # GRAM: "exact" or the authors' "faithful" stop-gradient
     c.loss.pairs = "anchored"  # InfoNCE: "anchored" (anchor vs each) or "all" pairs
     c.loss.dam_weight = 0.0  # GRAM's matching (DAM) term weight; the authors use 0.1
-    c.loss.comm_temperature = 0.1  # NT-Xent temperature of "comm" and "cross_self"
+    # Fixed NT-Xent temperature of "comm" and "cross_self" (formerly loss.comm_temperature).
+    c.loss.nt_xent_temperature = 0.1
+    for spec in losses.LOSSES.values():  # settings of registered losses
+        for key, value in spec.config_keys.items():
+            c.loss[key] = value
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -220,6 +228,7 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
 def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     """Set ``config.<dotted> = literal(text)``, checking the key exists (or its parent is a map
     of user-named entries such as ``model.modalities``)."""
+    dotted = RENAMED_KEYS.get(dotted, dotted)
     parts = dotted.split(".")
     node = config
     path = "config"
@@ -256,6 +265,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
     config = _load_module(path).get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() of {path!r} must return an ml_collections.ConfigDict")
+    _rename_old_keys(config)
     _check_schema(config, base_config(), "config")
     for item in overrides or []:
         if "=" not in item:
@@ -265,6 +275,16 @@ def load_config(path: str, overrides: list[str] | None = None) -> ml_collections
         apply_override(config, key, text)
     validate(config)
     return config
+
+
+def _rename_old_keys(config) -> None:
+    """Move values set under an old key name (:data:`RENAMED_KEYS`) to the new one."""
+    for old, new in RENAMED_KEYS.items():
+        (group, old_key), (_, new_key) = old.split("."), new.split(".")
+        if group in config and old_key in config[group]:
+            value = config[group][old_key]
+            del config[group][old_key]
+            config[group][new_key] = value
 
 
 def _check_schema(config, schema, path: str) -> None:
@@ -303,10 +323,11 @@ def _get(config, key: str):
 
 def _positive(config, key: str, allow_zero: bool = False) -> None:
     value = _get(config, key)
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, int | float) or isinstance(value, bool) or not ok:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"config.{key}: must be a number {bound}, got {value!r}")
+        raise ConfigError(f"config.{key}: must be a finite number {bound}, got {value!r}")
 
 
 def parse_assignments(key: str, items) -> list[tuple[str, str]]:
@@ -320,12 +341,38 @@ def parse_assignments(key: str, items) -> list[tuple[str, str]]:
     return out
 
 
+def _validate_loss(config: ml_collections.ConfigDict) -> None:
+    """The loss's registry entry against the model kind, views, impl and its config keys."""
+    name, spec = config.loss.name, losses.get_loss(config.loss.name)
+    if spec.model != config.model.kind:
+        raise ConfigError(
+            f"config.loss.name: {name!r} trains a {spec.model!r}-kind model, but "
+            f"config.model.kind = {config.model.kind!r}"
+        )
+    if spec.two_views != bool(config.data.two_views):
+        need = "needs two augmented views (True)" if spec.two_views else "takes one view (False)"
+        raise ConfigError(f"config.data.two_views: the {name!r} loss {need}")
+    if config.loss.impl != "gspmd" and config.loss.impl not in spec.impls:
+        raise ConfigError(
+            f"config.loss.impl: the {name!r} loss supports {('gspmd', *spec.impls)}, got "
+            f"{config.loss.impl!r}"
+        )
+    for key in spec.args.values():
+        if key not in config.loss:
+            raise ConfigError(f"config.loss.{key}: missing (the {name!r} loss reads it)")
+    try:
+        losses.check_label_smoothing(config.loss.label_smoothing)
+    except ValueError as e:
+        raise ConfigError(f"config.loss.label_smoothing: {e}") from None
+    _positive(config, "loss.nt_xent_temperature")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise :class:`ConfigError` naming the first bad key; checks values and their coherence."""
     import re
 
     _choice(config, "model.kind", ("gram", "comm"))
-    _choice(config, "loss.name", LOSSES)
+    _choice(config, "loss.name", tuple(losses.LOSSES))
     _choice(config, "loss.impl", LOSS_IMPLS)
     _choice(config, "loss.gradient", ("exact", "faithful"))
     _choice(config, "loss.pairs", ("anchored", "all"))
@@ -356,33 +403,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for field in mod.keys():
             if field not in ("kind", "preset", "overrides"):
                 raise ConfigError(f"config.{key}.{field}: no such key (kind, preset, overrides)")
-    if config.model.kind == "gram":
-        if config.model.anchor not in mods:
-            raise ConfigError(
-                f"config.model.anchor: {config.model.anchor!r} is not one of the modalities "
-                f"{tuple(mods.keys())}"
-            )
-        if config.loss.name == "comm":
-            raise ConfigError("config.loss.name: 'comm' needs config.model.kind = 'comm'")
-        if (config.loss.name == "cross_self") != bool(config.data.two_views):
-            raise ConfigError(
-                "config.data.two_views: a 'gram'-kind model takes two augmented views only "
-                "with the 'cross_self' loss (which needs them)"
-            )
-    else:
-        if config.loss.name != "comm":
-            raise ConfigError(
-                f"config.loss.name: a CoMM model trains with the 'comm' loss, got "
-                f"{config.loss.name!r}"
-            )
-        if not config.data.two_views:
-            raise ConfigError("config.data.two_views: CoMM needs two augmented views (True)")
-    if config.loss.name == "gram" and config.loss.impl == "ring" and len(mods) > 4:
-        raise ConfigError("config.loss.impl: the ring GRAM loss supports k <= 4 modalities")
-    if not 0.0 <= config.loss.label_smoothing < 1.0:
+    if config.model.kind == "gram" and config.model.anchor not in mods:
         raise ConfigError(
-            f"config.loss.label_smoothing: must be in [0, 1), got {config.loss.label_smoothing}"
+            f"config.model.anchor: {config.model.anchor!r} is not one of the modalities "
+            f"{tuple(mods.keys())}"
         )
+    _validate_loss(config)
     _positive(config, "loss.dam_weight", allow_zero=True)
     if config.loss.dam_weight > 0:
         if config.loss.name != "gram":

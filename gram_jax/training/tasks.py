@@ -15,10 +15,16 @@ and its gradient with respect to them are taken once over the global batch, then
 microbatch's encoder gradient is its vector-Jacobian product with that cotangent
 (GradCache, Gao et al. 2021).
 
+The loss comes from the registry :data:`gram_jax.losses.LOSSES` (``config.loss.name``): its
+entry says which arguments the config gives it, which learnable scalars it receives
+(temperature, SigLIP's scale and bias) and whether it takes two views; :func:`make_task` picks
+the task from it.
+
 Distributed loss (``loss.impl``): ``"gspmd"`` evaluates the loss on the globally sharded
-arrays under ``jit``; ``"all_gather"`` and ``"ring"`` run it inside ``jax.shard_map`` over the
-batch axes with ``axis_name=("data", "fsdp")`` and the implementation keyword of
-``gram_jax.losses``, so a device holds O(B/n x B) or O((B/n)^2) scores.
+arrays under ``jit``; ``"all_gather"``, ``"ring"`` and ``"ring_checkpoint"`` run it inside
+``jax.shard_map`` over the batch axes with ``axis_name=("data", "fsdp")`` and the
+implementation keyword of ``gram_jax.losses``, so a device holds O(B/n x B) or O((B/n)^2)
+scores.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -109,7 +114,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> n
         temperature_init=m.temperature_init,
         matching_head=matching,
     )
-    if config.loss.name == "siglip":
+    if losses.get_loss(config.loss.name).params == "scale_bias":
         # SigLIP learns its own logit scale and bias; stored beside the model's temperature.
         model.siglip = SigLIPScaleBias()
     return model
@@ -118,17 +123,6 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> n
 # ---------------------------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_impl_supported(fn: Callable, impl: str, name: str) -> None:
-    if impl == "gspmd":
-        return
-    params = inspect.signature(fn).parameters
-    if "axis_name" not in params or "impl" not in params:
-        raise ConfigError(
-            f"config.loss.impl: {impl!r} needs gram_jax.losses.{name} to accept axis_name= and "
-            "impl= (the mesh-loss API); this installation's version does not"
-        )
 
 
 def _sharded(fn: Callable, mesh: Mesh, impl: str) -> Callable:
@@ -149,6 +143,35 @@ def _sharded(fn: Callable, mesh: Mesh, impl: str) -> Callable:
         )
 
     return lambda *arrays, **scalars: run(arrays, scalars)
+
+
+def _loss_fn(config: ml_collections.ConfigDict, mesh: Mesh | None) -> Callable:
+    """The registered loss with its config arguments bound, sharded as ``loss.impl`` says."""
+    c = config.loss
+    spec = losses.get_loss(c.name)
+    if c.impl != "gspmd" and mesh is None:
+        raise ConfigError(f"config.loss.impl: {c.impl!r} needs a device mesh")
+    fn = functools.partial(spec.fn, **{arg: c[key] for arg, key in spec.args.items()})
+    return _sharded(fn, mesh, c.impl)
+
+
+def _loss_params(config: ml_collections.ConfigDict, model: nnx.Module) -> dict[str, jax.Array]:
+    """The learnable scalars the registered loss receives (``LossSpec.params``)."""
+    params = losses.get_loss(config.loss.name).params
+    if params == "scale_bias":
+        scale, bias = model.siglip()
+        return {"scale": scale, "bias": bias}
+    if params == "temperature":
+        return {"temperature": _temperature(config, model)}
+    return {}
+
+
+def _temperature(config: ml_collections.ConfigDict, model: GramModel) -> jax.Array:
+    """The model's learnable temperature, or the constant ``model.temperature_init`` when
+    ``model.learn_temperature`` is False."""
+    if config.model.learn_temperature:
+        return model.temperature()
+    return jnp.asarray(config.model.temperature_init, jnp.float32)
 
 
 @dataclasses.dataclass
@@ -175,19 +198,11 @@ class Task(abc.ABC):
 
 @dataclasses.dataclass
 class GramTask(Task):
-    """GramModel towers with the ``gram``, ``infonce`` or ``siglip`` loss (+ optional DAM)."""
+    """GramModel towers with a one-view registered loss (``gram``, ``infonce``, ``siglip``,
+    ...) on (anchor, others), + optional DAM."""
 
     def __post_init__(self):
-        c = self.config.loss
-        fns = {
-            "gram": losses.gram_contrastive_loss,
-            "infonce": losses.infonce_loss,
-            "siglip": losses.siglip_loss,
-        }
-        self._fn = fns[c.name]
-        _check_impl_supported(self._fn, c.impl, self._fn.__name__)
-        if c.impl != "gspmd" and self.mesh is None:
-            raise ConfigError(f"config.loss.impl: {c.impl!r} needs a device mesh")
+        self._fn = _loss_fn(self.config, self.mesh)
 
     def embed(self, model: GramModel, batch: dict) -> Any:
         out = model(self.model_inputs(batch))
@@ -196,29 +211,12 @@ class GramTask(Task):
             emb["enc"] = out["encoder_outputs"]
         return emb
 
-    def _base_loss(self, model, anchor, others):
-        c = self.config.loss
-        if c.name == "siglip":
-            scale, bias = model.siglip()
-            fn = _sharded(self._fn, self.mesh, c.impl)
-            return fn(anchor, others, scale=scale, bias=bias)
-        tau = model.temperature()
-        kw = {"label_smoothing": c.label_smoothing}
-        if c.name == "gram":
-            kw["gradient"] = c.gradient
-        else:
-            kw["pairs"] = c.pairs
-        fn = _sharded(functools.partial(self._fn, **kw), self.mesh, c.impl)
-        return fn(anchor, others, temperature=tau)
-
     def loss(self, model: GramModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
         z = emb["z"]
         anchor = z[model.anchor]
         others = [z[m] for m in model.others]
-        loss, metrics = self._base_loss(model, anchor, others)
+        loss, metrics = self._fn(anchor, others, **_loss_params(self.config, model))
         metrics = dict(metrics)
-        if "temperature" not in metrics:
-            metrics["temperature"] = model.temperature()
         w = self.config.loss.dam_weight
         if w > 0:
             outputs = {
@@ -230,7 +228,7 @@ class GramTask(Task):
             dam, dam_metrics = losses.dam_loss(
                 rng,
                 vol,
-                jax.lax.stop_gradient(model.temperature()),
+                jax.lax.stop_gradient(_temperature(self.config, model)),
                 lambda ai, ci: model.match_logits(outputs, ai, ci),
             )
             metrics["loss/contrastive"] = loss
@@ -253,14 +251,11 @@ class GramTask(Task):
 
 @dataclasses.dataclass
 class CrossSelfTask(GramTask):
-    """GramModel towers on two augmented views with :func:`gram_jax.losses.cross_self_loss`
-    (temperature ``loss.comm_temperature``; single device / GSPMD only)."""
+    """GramModel towers on two augmented views with a two-view registered loss
+    (:func:`gram_jax.losses.cross_self_loss`) on the per-modality lists of each view."""
 
     def __post_init__(self):
-        if self.config.loss.impl != "gspmd":
-            raise ConfigError("config.loss.impl: 'cross_self' supports only 'gspmd'")
-        if self.config.loss.dam_weight > 0:
-            raise ConfigError("config.loss.dam_weight: the DAM term needs the 'gram' loss")
+        self._fn = _loss_fn(self.config, self.mesh)
 
     def embed(self, model: GramModel, batch: dict) -> Any:
         z1 = model(self.model_inputs(batch["view1"]))["embeddings"]
@@ -269,21 +264,18 @@ class CrossSelfTask(GramTask):
 
     def loss(self, model: GramModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
         mods = model.modalities
-        return losses.cross_self_loss(
-            [emb["z1"][m] for m in mods],
-            [emb["z2"][m] for m in mods],
-            self.config.loss.comm_temperature,
-        )
+        view1, view2 = [emb["z1"][m] for m in mods], [emb["z2"][m] for m in mods]
+        loss, metrics = self._fn(view1, view2, **_loss_params(self.config, model))
+        return loss, dict(metrics)
 
 
 @dataclasses.dataclass
 class CoMMTask(Task):
-    """CoMMModel on two augmented views with :func:`gram_jax.losses.comm_loss`."""
+    """CoMMModel on two augmented views with a registered ``comm``-model loss
+    (:func:`gram_jax.losses.comm_loss`) on the P mask patterns' embeddings of each view."""
 
     def __post_init__(self):
-        c = self.config.loss
-        if c.impl != "gspmd":
-            _check_impl_supported(losses.comm_loss, c.impl, "comm_loss")
+        self._fn = _loss_fn(self.config, self.mesh)
 
     def embed(self, model: CoMMModel, batch: dict) -> Any:
         # (P, B, d) per view -> (B, P, d): the batch must lead for microbatching.
@@ -292,21 +284,10 @@ class CoMMTask(Task):
         return {"z1": jnp.swapaxes(z1, 0, 1), "z2": jnp.swapaxes(z2, 0, 1)}
 
     def loss(self, model: CoMMModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
-        c = self.config.loss
-        z1 = jnp.swapaxes(emb["z1"], 0, 1)
-        z2 = jnp.swapaxes(emb["z2"], 0, 1)
-        if c.impl == "gspmd":
-            loss, metrics = losses.comm_loss(list(z1), list(z2), c.comm_temperature)
-        else:
-            # shard_map splits the leading axis: hand it (B, P, d) and swap back inside.
-            def local(a, b, **kw):
-                return losses.comm_loss(
-                    list(jnp.swapaxes(a, 0, 1)), list(jnp.swapaxes(b, 0, 1)), **kw
-                )
-
-            loss, metrics = _sharded(local, self.mesh, c.impl)(
-                emb["z1"], emb["z2"], temperature=c.comm_temperature
-            )
+        # (B, P, d) -> P arrays (B, d): the batch still leads, so shard_map splits it.
+        view1 = [emb["z1"][:, p] for p in range(emb["z1"].shape[1])]
+        view2 = [emb["z2"][:, p] for p in range(emb["z2"].shape[1])]
+        loss, metrics = self._fn(view1, view2, **_loss_params(self.config, model))
         return loss, dict(metrics)
 
     def eval_embed(self, model: CoMMModel, batch: dict) -> dict[str, jax.Array]:
@@ -345,9 +326,9 @@ class CoMMTask(Task):
 
 
 def make_task(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Task:
-    """The task of a config (``model.kind``)."""
+    """The task of a config: its model kind and whether its registered loss takes two views."""
     if config.model.kind == "comm":
         return CoMMTask(config, mesh)
-    if config.loss.name == "cross_self":
+    if losses.get_loss(config.loss.name).two_views:
         return CrossSelfTask(config, mesh)
     return GramTask(config, mesh)
