@@ -222,7 +222,9 @@ def test_authors_sqrt_poisons_the_batch():
         )(anchor, *others)
     assert np.isfinite(float(loss))
     assert np.isnan(np.asarray(grads[0])).all(axis=1).all(), "every anchor row is poisoned"
-    assert np.isnan(np.asarray(grads[1][0])).all() and np.isnan(np.asarray(grads[2][0])).all()
+    # v0 = a0 carries the NaN too. w0 = v0 exactly is a dependent direction whose pivot the
+    # elimination sets to exactly 0 (gram_jax/volume.py), so no gradient reaches it at all.
+    assert np.isnan(np.asarray(grads[1][0])).all()
     # The same batch in safe mode: test_one_degenerate_item_poisons_nothing_in_safe_mode.
 
 
