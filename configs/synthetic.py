@@ -38,6 +38,16 @@ from gram_jax.training.config import base_config, modality, parse_arg
 
 METHODS = ("gram", "infonce", "comm")
 SCALES = ("cpu", "pod")
+# The schedule of each scale, side by side: dotted key -> (cpu, pod).
+SCHEDULE = {
+    "train.steps": (600, 50_000),
+    "train.batch_size": (128, 4096),
+    "train.log_every": (25, 100),
+    "train.checkpoint_every": (200, 2_000),
+    "optim.lr": (1e-3, 1e-4),
+    "optim.warmup_steps": (50, 5_000),
+    "optim.schedule": ("cosine", "linear"),
+}
 
 
 def _method(c, method: str) -> None:
@@ -77,15 +87,8 @@ def _pod(c) -> None:
     }
     c.data.worker_count = 8
     c.loss.impl = "ring"
-    c.train.batch_size = 4096
-    c.train.steps = 50_000
-    c.train.log_every = 100
-    c.train.checkpoint_every = 2_000
     c.train.keep_checkpoints = 3
     c.train.eval_every = 5_000
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 5_000
-    c.optim.schedule = "linear"
     c.optim.clip_norm = 1.0
     c.mesh.data = -1
     c.mesh.fsdp = 4
@@ -98,13 +101,8 @@ def get_config(arg=None):
     arg = parse_arg(arg, {"method": METHODS, "scale": SCALES}, method="gram", scale="cpu")
     c = base_config()
     c.name = f"{arg.method}_synthetic" + ("_pod" if arg.scale == "pod" else "")
-    c.train.steps = 600
-    c.train.batch_size = 128
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
-    c.optim.schedule = "cosine"
-    c.train.log_every = 25
-    c.train.checkpoint_every = 200
+    scale = SCALES.index(arg.scale)
+    c.update_from_flattened_dict({key: values[scale] for key, values in SCHEDULE.items()})
     if arg.scale == "pod":
         _pod(c)
     _method(c, arg.method)

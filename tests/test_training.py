@@ -172,6 +172,24 @@ def test_ring_loss_with_fsdp_params_matches_gspmd_replicated(trainer):
         np.testing.assert_allclose(float(m_ring["loss"]), float(m_ref["loss"]), rtol=1e-5)
 
 
+def test_a_dropped_trainer_is_freed():
+    """No module-level cache keeps a trainer (and so its executables) alive after use."""
+    import gc
+    import weakref
+
+    from gram_jax.training.loop import get_trainer
+
+    c = tiny_config()
+    tr = get_trainer(c, sharding.make_mesh(c))
+    state = tr.init()
+    emb = tr.eval_fns["embed"](state["params"], state["rest"], put(tr, random_batch()))
+    assert emb["text"].shape == (B, c.model.embed_dim) and emb["text"].sharding.is_fully_replicated
+    ref = weakref.ref(tr)
+    del tr
+    gc.collect()
+    assert ref() is None
+
+
 def test_dam_term_trains_with_the_matching_head():
     tr = make(tiny_config(loss__dam_weight=0.1))
     state = tr.init()
