@@ -190,6 +190,23 @@ def test_a_dropped_trainer_is_freed():
     assert ref() is None
 
 
+@pytest.mark.parametrize("policy", ["embeddings", "encoders"])
+def test_probe_features_are_the_tasks_policy(policy):
+    """``eval.probe_features`` is read by the task alone: unit embeddings or pooled encoder
+    outputs, concatenated in modality order."""
+    c = tiny_config(eval__probe_features=policy)
+    task = tasks.make_task(c)
+    model = tasks.build_model(c)
+    batch = random_batch(n=4)
+    feats = np.asarray(task.features(model, batch))
+    out = model(task.model_inputs(batch))
+    if policy == "embeddings":
+        parts = [out["embeddings"][m] for m in model.modalities]
+    else:
+        parts = [out["encoder_outputs"][m].pooled for m in model.modalities]
+    np.testing.assert_allclose(feats, np.concatenate(parts, -1), rtol=1e-6, atol=1e-6)
+
+
 def test_dam_term_trains_with_the_matching_head():
     tr = make(tiny_config(loss__dam_weight=0.1))
     state = tr.init()
