@@ -1,8 +1,8 @@
 """Train a GRAM / CoMM model from a config file.
 
-    python train.py                                   # configs/default.py, ./runs/default
-    python train.py --config configs/comm_synthetic.py --workdir /tmp/comm
-    python train.py --config configs/default.py --config.optim.lr=3e-4 --config.train.steps=50
+    python train.py                                   # configs/synthetic.py, ./runs/gram_synthetic
+    python train.py --config configs/synthetic.py:method=comm --workdir /tmp/comm
+    python train.py --config configs/synthetic.py --config.optim.lr=3e-4 --config.train.steps=50
 
 Overrides are ``--config.<dotted.key>=<python literal>`` (also ``--config.key value``); they
 are checked against the config schema and a wrong key or value stops the run with a message
@@ -18,14 +18,14 @@ import sys
 
 from gram_jax.training.config import ConfigError, load_config
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "default.py"
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "synthetic.py"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``(args, overrides)``; overrides are ``"dotted.key=value"`` strings."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (.py)")
-    parser.add_argument("--workdir", default=None, help="default: ./runs/<config name>")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (.py[:variant])")
+    parser.add_argument("--workdir", default=None, help="default: ./runs/<config.name>")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
+    workdir = args.workdir or str(pathlib.Path("runs") / config.name)
     # Imported after the config is valid: JAX start-up is not paid for a typo.
     from gram_jax.training.loop import NonFiniteError, train
 

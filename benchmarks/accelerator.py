@@ -19,8 +19,8 @@ it is stopped (every section saves its results after each measurement):
   products are HIGHEST in both, see gram_jax/volume.py), with ratios and compile times;
 - ``torch``: the authors' PyTorch formulation (benchmarks/volume_bench.py) on the same device,
   same sizes (skipped with the reason when torch is not importable);
-- ``train``: the train step of configs/default.py and of a base-size config
-  (configs/tpu_pod_base.py on one device: base encoders, bf16, the largest batch among a few
+- ``train``: the train step of configs/synthetic.py and of a base-size config
+  (configs/synthetic.py:scale=pod on one device: base encoders, bf16, the largest batch among a few
   that fits): steps/s, examples/s, XLA FLOPs per step, MFU against the chip's datasheet peak
   and against a measured bf16 matmul, compile time;
 - ``memory``: the largest global batch whose GRAM loss + gradient fits in one device's memory,
@@ -124,7 +124,7 @@ FULL = Sizes(
     tests=tuple(CORE_TESTS),
     tests_k=CORE_DESELECT,
     train_default_overrides=(),
-    base_config="configs/tpu_pod_base.py",
+    base_config="configs/synthetic.py:scale=pod",
     base_overrides=("mesh.fsdp=1", "mesh.params='replicated'", "loss.impl='gspmd'"),
     base_batches=(512, 384, 256, 128),
     train_steps=10,
@@ -164,7 +164,7 @@ SMALL = Sizes(
     tests=tuple(SMALL_TESTS),
     tests_k=None,
     train_default_overrides=("train.batch_size=8", *_ONE_BLOCK),
-    base_config="configs/default.py",
+    base_config="configs/synthetic.py",
     base_overrides=("model.dtype='bfloat16'", *_ONE_BLOCK),
     base_batches=(8,),
     train_steps=2,
@@ -717,7 +717,7 @@ def section_train(sizes: Sizes, budget: Budget, out: dict, save: Callable) -> No
     # default config: float32 encoders, whose DEFAULT-precision matmuls run as TF32 on GPUs.
     try:
         res = train_bench_one(
-            "configs/default.py", list(sizes.train_default_overrides), sizes, None,
+            "configs/synthetic.py", list(sizes.train_default_overrides), sizes, None,
             peaks and peaks["tf32"],
         )  # fmt: skip
         res["mfu_peak"] = "tf32"

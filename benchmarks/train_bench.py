@@ -1,6 +1,6 @@
 """Throughput of the default training config and the share of step time spent in the loss.
 
-    python benchmarks/train_bench.py [--config configs/default.py] [--steps 30] [--no-data]
+    python benchmarks/train_bench.py [--config configs/synthetic.py[:arg]] [--steps 30] [--no-data]
 
 Prints one JSON object:
 
@@ -58,7 +58,7 @@ def _random_batch(config, sharding, seed=0):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "default.py"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "synthetic.py"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--no-data", action="store_true")
     args = p.parse_args(argv)
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     loss_s = _time(lambda: loss_grad(st["params"], st["rest"], emb, batch, key), args.steps)
 
     out = {
-        "config": pathlib.Path(args.config).stem,
+        "config": config.name,
         "devices": jax.device_count(),
         "platform": jax.devices()[0].platform,
         "global_batch": b,

@@ -1,12 +1,13 @@
 """GRAM vs anchored InfoNCE vs CoMM on synthetic_trimodal, several seeds (issue 6).
 
-Trains ``configs/default.py`` (GRAM), ``configs/infonce_baseline.py`` (anchored InfoNCE) and
-``configs/comm_synthetic.py`` (CoMM) with identical data (the dataset itself is fixed; the seed
-changes parameter init and training data order), encoders, batch 128 and optimiser, then
-reports held-out (1,024 test items) text -> (image, audio) and (image, audio) -> text
-R@1/5/10 by volume, span distance and cosine (text vs the normalised mean of the image and
-audio embeddings), and for CoMM ``fused_cosine`` (text-alone embedding vs the fused
-image+audio embedding, CoMM's natural retrieval score). Chance R@1 = 100 / 1024 = 0.1 %.
+Trains ``configs/synthetic.py`` (GRAM), ``configs/synthetic.py:method=infonce`` (anchored
+InfoNCE) and ``configs/synthetic.py:method=comm`` (CoMM) with identical data (the dataset
+itself is fixed; the seed changes parameter init and training data order), encoders, batch
+128 and optimiser, then reports held-out (1,024 test items) text -> (image, audio) and
+(image, audio) -> text R@1/5/10 by volume, span distance and cosine (text vs the normalised
+mean of the image and audio embeddings), and for CoMM ``fused_cosine`` (text-alone embedding
+vs the fused image+audio embedding, CoMM's natural retrieval score). Chance R@1 = 100 / 1024
+= 0.1 %.
 Table: mean ± std (population std over seeds) and [min, max]; every run and CoMM's loss
 curve (first / last logged loss and per-mask NT-Xent accuracies) in the JSON.
 
@@ -43,9 +44,9 @@ from gram_jax.training.loop import train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 METHODS = {
-    "gram": "configs/default.py",
-    "infonce_anchored": "configs/infonce_baseline.py",
-    "comm": "configs/comm_synthetic.py",
+    "gram": "configs/synthetic.py",
+    "infonce_anchored": "configs/synthetic.py:method=infonce",
+    "comm": "configs/synthetic.py:method=comm",
 }
 LABELS = {"gram": "GRAM", "infonce_anchored": "anchored InfoNCE", "comm": "CoMM"}
 SCORES = ("volume", "span_distance", "cosine", "fused_cosine")

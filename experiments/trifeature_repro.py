@@ -58,11 +58,11 @@ VIT = (
 )
 # method -> (config file, extra overrides)
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "comm": ("comm_trifeature.py", CNN),
-    "cross": ("cross_trifeature.py", CNN),
-    "cross_self": ("cross_self_trifeature.py", CNN),
-    "gram": ("gram_trifeature.py", CNN),
-    "comm_vit": ("comm_trifeature.py", VIT),
+    "comm": ("trifeature.py:method=comm", CNN),
+    "cross": ("trifeature.py:method=cross", CNN),
+    "cross_self": ("trifeature.py:method=cross_self", CNN),
+    "gram": ("trifeature.py:method=gram", CNN),
+    "comm_vit": ("trifeature.py:method=comm", VIT),
 }
 LABELS = {
     "comm": "CoMM",

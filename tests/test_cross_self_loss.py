@@ -80,12 +80,12 @@ def test_bad_inputs():
 
 
 def test_configs_wire_cross_self_and_reject_one_view():
-    c = load_config(str(CONFIGS / "cross_self_trifeature.py"))
+    c = load_config(str(CONFIGS / "trifeature.py:method=cross_self"))
     assert c.loss.name == "cross_self" and c.data.two_views and c.model.kind == "gram"
     assert c.eval.probe_features == "encoders"
     with pytest.raises(ConfigError, match="two_views"):
-        load_config(str(CONFIGS / "cross_self_trifeature.py"), ["data.two_views=False"])
+        load_config(str(CONFIGS / "trifeature.py:method=cross_self"), ["data.two_views=False"])
     with pytest.raises(ConfigError, match="two_views"):
-        load_config(str(CONFIGS / "cross_trifeature.py"), ["data.two_views=True"])
+        load_config(str(CONFIGS / "trifeature.py:method=cross"), ["data.two_views=True"])
     with pytest.raises(ConfigError, match="probe_features"):
-        load_config(str(CONFIGS / "cross_trifeature.py"), ["eval.probe_features='pooled'"])
+        load_config(str(CONFIGS / "trifeature.py:method=cross"), ["eval.probe_features='pooled'"])

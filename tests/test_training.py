@@ -15,7 +15,7 @@ from gram_jax.training.config import base_config, load_config, validate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 B = 16
-LR_GROUPS = ("encoders/image/=0", "heads/=0.5")
+LR_GROUPS = (("encoders/image/", 0), ("heads/", 0.5))
 
 
 def tiny_config(**over):
@@ -172,6 +172,41 @@ def test_ring_loss_with_fsdp_params_matches_gspmd_replicated(trainer):
         np.testing.assert_allclose(float(m_ring["loss"]), float(m_ref["loss"]), rtol=1e-5)
 
 
+def test_a_dropped_trainer_is_freed():
+    """No module-level cache keeps a trainer (and so its executables) alive after use."""
+    import gc
+    import weakref
+
+    from gram_jax.training.loop import get_trainer
+
+    c = tiny_config()
+    tr = get_trainer(c, sharding.make_mesh(c))
+    state = tr.init()
+    emb = tr.eval_fns["embed"](state["params"], state["rest"], put(tr, random_batch()))
+    assert emb["text"].shape == (B, c.model.embed_dim) and emb["text"].sharding.is_fully_replicated
+    ref = weakref.ref(tr)
+    del tr
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("policy", ["embeddings", "encoders"])
+def test_probe_features_are_the_tasks_policy(policy):
+    """``eval.probe_features`` is read by the task alone: unit embeddings or pooled encoder
+    outputs, concatenated in modality order."""
+    c = tiny_config(eval__probe_features=policy)
+    task = tasks.make_task(c)
+    model = tasks.build_model(c)
+    batch = random_batch(n=4)
+    feats = np.asarray(task.features(model, batch))
+    out = model(task.model_inputs(batch))
+    if policy == "embeddings":
+        parts = [out["embeddings"][m] for m in model.modalities]
+    else:
+        parts = [out["encoder_outputs"][m].pooled for m in model.modalities]
+    np.testing.assert_allclose(feats, np.concatenate(parts, -1), rtol=1e-6, atol=1e-6)
+
+
 def test_dam_term_trains_with_the_matching_head():
     tr = make(tiny_config(loss__dam_weight=0.1))
     state = tr.init()
@@ -188,7 +223,10 @@ def test_fsdp_rules():
         mesh__fsdp=4,
         mesh__params="fsdp",
         mesh__fsdp_min_size=1024,
-        mesh__rules=("encoders/text/embed=replicated",),
+        mesh__rules=(
+            ("encoders/text/embed", "replicated"),
+            ("heads/text/linear/kernel", (None, "fsdp")),
+        ),
     )
     mesh = sharding.make_mesh(c)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
@@ -197,17 +235,18 @@ def test_fsdp_rules():
     assert specs["encoders"]["image"]["patch_embed"]["kernel"] == jax.P("fsdp")
     assert specs["encoders"]["text"]["embed"]["embedding"] == jax.P()
     assert specs["temperature"]["log_tau"] == jax.P()
+    assert specs["heads"]["text"]["linear"]["kernel"] == jax.P(None, "fsdp")  # a tuple spec
     opt_specs = [s.sharding.spec for s in jax.tree.leaves(tr.abstract_state["opt_state"])]
     assert jax.P("fsdp") in opt_specs  # Adam moments follow their parameters
 
 
 def test_tpu_pod_base_lowers_and_compiles_on_8_devices():
-    """The pod config's step (base width, B = 4096, data x fsdp mesh, ring loss, bf16) with
+    """The pod variant's step (base width, B = 4096, data x fsdp mesh, ring loss, bf16) with
     abstract inputs. Encoder depth is cut to 1 block to keep the CPU compile within the test
     budget; every other setting is the config's (the full 12-block compile was checked by
     hand: same program structure, ~4 min on this CPU)."""
     c = load_config(
-        str(ROOT / "configs" / "tpu_pod_base.py"),
+        str(ROOT / "configs" / "synthetic.py:scale=pod"),
         [f"model.modalities.{m}.overrides.depth=1" for m in ("text", "image", "audio")],
     )
     mesh = sharding.make_mesh(c)

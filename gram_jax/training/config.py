@@ -1,10 +1,19 @@
 """Experiment configs: the base schema, loading ``configs/<name>.py``, overrides, validation.
 
-A config file defines ``get_config() -> ml_collections.ConfigDict``; every experiment config
-starts from :func:`base_config` and changes fields, so the set of keys is the same everywhere
-and an override or a typo can be checked against it. Overrides use dotted paths::
+A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``; every experiment
+config starts from :func:`base_config` and changes fields, so the set of keys is the same
+everywhere and an override or a typo can be checked against it.
 
-    python train.py --config configs/default.py --config.optim.lr=3e-4 --config.train.steps=50
+Variants of one experiment live in one file (big_vision's convention): ``path.py:arg`` hands
+the text after the colon to ``get_config(arg)`` (``None`` without a colon), and the file reads
+it with :func:`parse_arg`, comma-separated ``key=value`` pairs typed like its defaults::
+
+    python train.py --config configs/synthetic.py:method=infonce
+    python train.py --config configs/trifeature.py:method=cross_self
+
+Overrides use dotted paths::
+
+    python train.py --config configs/synthetic.py --config.optim.lr=3e-4 --config.train.steps=50
 
 Values are parsed as Python literals (``3e-4``, ``(1, 8)``, ``True``, ``'cosine'``) and fall
 back to the raw string. Every error is a :class:`ConfigError` whose message starts with the
@@ -17,8 +26,10 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import math
 import pathlib
+import re
 from typing import Any
 
 import ml_collections
@@ -32,6 +43,8 @@ __all__ = [
     "base_config",
     "config_from_file",
     "load_config",
+    "parse_arg",
+    "path_rules",
     "apply_override",
     "validate",
     "LOSS_IMPLS",
@@ -122,8 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
-    # Per-module learning-rate multipliers: "regex=multiplier" strings matched (re.search)
-    # against parameter paths such as "towers/video/encoder/...". 0 freezes the module.
+    # Per-module learning-rate multipliers: (regex, multiplier) pairs matched (re.search,
+    # first match) against parameter paths such as "encoders/video/...". 0 freezes the module.
     c.optim.lr_multipliers = ()
 
     c.train = ml_collections.ConfigDict()
@@ -143,7 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.params = "replicated"  # or "fsdp": shard parameters over the fsdp axis
     c.mesh.fsdp_min_size = 2**14  # smaller parameters stay replicated under "fsdp"
-    c.mesh.rules = ()  # "regex=spec" overrides, spec like "fsdp,None" or "replicated"
+    # (regex, spec) overrides per parameter path; spec "replicated" or per-dimension axes,
+    # a tuple like ("fsdp", None) or the text "fsdp,None".
+    c.mesh.rules = ()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
@@ -169,6 +184,15 @@ def base_config() -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _split_arg(path: str) -> tuple[str, str | None]:
+    """``"configs/x.py:method=gram"`` -> ``("configs/x.py", "method=gram")``; no colon after
+    the ``.py`` -> ``(path, None)``."""
+    head, sep, arg = str(path).partition(".py:")
+    if not sep:
+        return str(path), None
+    return head + ".py", arg
+
+
 def _load_module(path: str):
     p = pathlib.Path(path)
     if not p.is_file():
@@ -181,10 +205,57 @@ def _load_module(path: str):
     return module
 
 
+def _get_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of ``"file.py[:arg]"`` (``get_config()`` when there is no arg)."""
+    file, arg = _split_arg(str(path))
+    get_config = _load_module(file).get_config
+    if arg is None:
+        return get_config()
+    if not inspect.signature(get_config).parameters:
+        raise ConfigError(
+            f"config file {file!r}: get_config() takes no argument, so {arg!r} (after the "
+            "colon) cannot select a variant"
+        )
+    return get_config(arg)
+
+
 def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """``get_config()`` of another config file, unvalidated: for configs that build on one
-    (``c = config_from_file(pathlib.Path(__file__).with_name("comm_trifeature.py"))``)."""
-    return _load_module(str(path)).get_config()
+    """``get_config(arg)`` of another config file ``"file.py[:arg]"``, unvalidated: for a config
+    that builds on another experiment's (variants of one experiment belong in one file)."""
+    return _get_config(path)
+
+
+def parse_arg(
+    arg: str | None, choices: dict[str, tuple] | None = None, **defaults: Any
+) -> ml_collections.ConfigDict:
+    """A config file's variant argument: ``"k1=v1,k2=v2"`` over ``defaults``.
+
+    Keys must be among ``defaults``; each value is parsed as a Python literal (else kept as
+    text) and must have its default's type (an int is accepted for a float) and, for a key of
+    ``choices``, be one of its entries. ``None`` or ``""`` gives the defaults. For
+    ``get_config(arg)`` in ``configs/*.py``::
+
+        def get_config(arg=None):
+            arg = parse_arg(arg, {"method": ("gram", "infonce")}, method="gram", steps=600)
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"config argument {item!r} must look like key=value")
+        if key not in defaults:
+            raise ConfigError(
+                f"config argument {key!r}: no such key (this config takes {sorted(defaults)})"
+            )
+        out[key] = _coerce(f"config argument {key!r}", defaults[key], _parse_value(text.strip()))
+    for key, allowed in (choices or {}).items():
+        if out[key] not in allowed:
+            raise ConfigError(f"config argument {key}={out[key]!r}: not one of {tuple(allowed)}")
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -258,11 +329,12 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file, with ``key=value`` overrides applied, validated.
+    """``get_config(arg)`` of ``"file.py[:arg]"``, with ``key=value`` overrides applied,
+    validated.
 
     ``overrides`` are ``"optim.lr=3e-4"`` (optionally prefixed with ``config.``).
     """
-    config = _load_module(path).get_config()
+    config = _get_config(path)
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() of {path!r} must return an ml_collections.ConfigDict")
     _rename_old_keys(config)
@@ -330,14 +402,29 @@ def _positive(config, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"config.{key}: must be a finite number {bound}, got {value!r}")
 
 
-def parse_assignments(key: str, items) -> list[tuple[str, str]]:
-    """``("regex=value", ...)`` -> ``[(regex, value), ...]``, errors naming ``key``."""
+def path_rules(key: str, rules) -> list[tuple[re.Pattern, Any]]:
+    """Per-path rules ``((regex, value), ...)`` -> ``[(compiled regex, value), ...]``.
+
+    The first rule whose regex ``re.search``-es a parameter path (``"encoders/image/..."``)
+    applies. Errors name ``config.<key>[i]``; the old ``"regex=value"`` string form is
+    rejected with the tuple it should be.
+    """
     out = []
-    for item in items:
-        if not isinstance(item, str) or "=" not in item:
-            raise ConfigError(f"config.{key}: entries must be 'regex=value' strings, got {item!r}")
-        pattern, value = item.rsplit("=", 1)
-        out.append((pattern.strip(), value.strip()))
+    for i, rule in enumerate(rules):
+        where = f"config.{key}[{i}]"
+        if isinstance(rule, str):
+            pattern, _, value = rule.rpartition("=")
+            example = (pattern, _parse_value(value)) if pattern else ("regex", "value")
+            raise ConfigError(
+                f"{where}: {rule!r} is a 'regex=value' string; rules are (regex, value) pairs, "
+                f"here {example!r}"
+            )
+        if not isinstance(rule, tuple | list) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(f"{where}: expected a (regex, value) pair, got {rule!r}")
+        try:
+            out.append((re.compile(rule[0]), rule[1]))
+        except re.error as e:
+            raise ConfigError(f"{where}: bad regex {rule[0]!r} ({e})") from None
     return out
 
 
@@ -369,8 +456,6 @@ def _validate_loss(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise :class:`ConfigError` naming the first bad key; checks values and their coherence."""
-    import re
-
     _choice(config, "model.kind", ("gram", "comm"))
     _choice(config, "loss.name", tuple(losses.LOSSES))
     _choice(config, "loss.impl", LOSS_IMPLS)
@@ -441,21 +526,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.grad_accum: {config.train.grad_accum} does not divide "
             f"config.train.batch_size = {config.train.batch_size}"
         )
-    for pattern, value in parse_assignments("optim.lr_multipliers", config.optim.lr_multipliers):
-        try:
-            re.compile(pattern)
-            if float(value) < 0:
-                raise ValueError
-        except (re.error, ValueError):
+    rules = path_rules("optim.lr_multipliers", config.optim.lr_multipliers)
+    for i, (pattern, value) in enumerate(rules):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(
-                f"config.optim.lr_multipliers: bad entry {pattern}={value} (need a valid regex "
-                "and a multiplier >= 0)"
-            ) from None
-    for pattern, _ in parse_assignments("mesh.rules", config.mesh.rules):
-        try:
-            re.compile(pattern)
-        except re.error:
-            raise ConfigError(f"config.mesh.rules: bad regex {pattern!r}") from None
+                f"config.optim.lr_multipliers[{i}]: the multiplier of {pattern.pattern!r} must "
+                f"be a number >= 0, got {value!r}"
+            )
+    path_rules("mesh.rules", config.mesh.rules)
     if config.mesh.fsdp < 1 or config.mesh.data == 0 or config.mesh.data < -1:
         raise ConfigError(
             f"config.mesh: data must be -1 or >= 1 and fsdp >= 1, got data={config.mesh.data}, "

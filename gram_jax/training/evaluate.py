@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gram_jax.data import make_iterator
 from gram_jax.metrics import chunked_retrieval, metrics_from_ranks
@@ -238,8 +237,3 @@ def linear_probe(
     if k == 2:
         out["auc"] = roc_auc(y_test, logits[:, 1] - logits[:, 0])
     return out
-
-
-def replicated(mesh) -> NamedSharding:
-    """Replicated sharding on ``mesh`` (outputs every process can read)."""
-    return NamedSharding(mesh, P())

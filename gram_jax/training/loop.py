@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -107,43 +106,15 @@ def make_train_iterator(config, mesh, source):
     )
 
 
-_EVAL_FNS: dict[tuple[int, str], Any] = {}
-
-
-def _eval_fn(trainer: Trainer, kind: str):
-    """Jitted ``(params, rest, batch) -> outputs`` for evaluation, compiled once per trainer
-    (periodic evaluations reuse it). ``kind``: "embed" (retrieval embeddings) or "features"
-    (linear-probe features: CoMM's pre-projector fused vector, else the concatenated
-    embeddings or, with ``eval.probe_features="encoders"``, pooled encoder outputs)."""
-    key = (id(trainer), kind)
-    if key not in _EVAL_FNS:
-        task, graphdef = trainer.task, trainer.graphdef
-        mods = list(trainer.config.model.modalities.keys())
-
-        def fn(params, rest, batch):
-            model = nnx.merge(graphdef, params, rest)
-            if kind == "embed":
-                return task.eval_embed(model, batch)
-            if trainer.config.model.kind == "comm":
-                return task.features(model, batch)
-            if trainer.config.eval.probe_features == "encoders":
-                return task.features(model, batch)
-            z = task.eval_embed(model, batch)
-            return jnp.concatenate([z[m] for m in mods], axis=-1)
-
-        if len(_EVAL_FNS) > 8:
-            _EVAL_FNS.clear()
-        _EVAL_FNS[key] = jax.jit(fn, out_shardings=eval_lib.replicated(trainer.mesh))
-    return _EVAL_FNS[key]
-
-
 def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Held-out retrieval (+ linear probes) of the current state (see evaluate.py)."""
+    """Held-out retrieval (+ linear probes) of the current state (see evaluate.py), with the
+    trainer's jitted ``eval_fns`` (compiled once per trainer; the probe features are the
+    task's :meth:`~gram_jax.training.tasks.Task.features`)."""
     batch_sharding = trainer.batch_sharding
     mods = _modalities(config)
     out: dict[str, float] = {}
     if config.eval.scores:
-        embed = _eval_fn(trainer, "embed")
+        embed = trainer.eval_fns["embed"]
         source = load_split(config, config.data.eval_split)
         emb, _ = eval_lib.collect(
             lambda b: embed(state["params"], state["rest"], b),
@@ -159,7 +130,7 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
         out.update(eval_lib.retrieval_report(emb, anchor, others, tuple(config.eval.scores), fused))
     tasks = tuple(config.eval.probe_tasks)
     if tasks:
-        feat = _eval_fn(trainer, "features")
+        feat = trainer.eval_fns["features"]
 
         def features(split, max_examples):
             return eval_lib.collect(
@@ -182,17 +153,11 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
     return out
 
 
-_TRAINERS: dict[tuple, Trainer] = {}
-
-
 def get_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
-    """``make_trainer`` memoised on (config, mesh): a second ``train`` of the same config in one
-    process (a notebook, a restart after a fallback) reuses the compiled step."""
-    key = (config.to_json_best_effort(sort_keys=True), mesh.devices.tobytes(), mesh.axis_names)
-    if key not in _TRAINERS:
-        _TRAINERS.clear()  # keep one: executables hold device memory
-        _TRAINERS[key] = make_trainer(config, mesh, make_task(config, mesh))
-    return _TRAINERS[key]
+    """The trainer of a config on ``mesh`` (its task and jitted functions). Nothing is cached
+    at module level, so a dropped trainer frees its executables (a second ``train`` of the
+    same config in one process compiles again)."""
+    return make_trainer(config, mesh, make_task(config, mesh))
 
 
 def _fetch(metrics: dict) -> dict[str, float]:

@@ -6,7 +6,7 @@
 * Weight decay (decoupled, AdamW) only on parameters with ``ndim >= 2`` whose path does not
   name a norm or a bias: the CoMM rule (docs/authors_code.md 7). Temperatures, LayerNorm scales
   and biases, and position tables held as 1-D parameters are therefore not decayed.
-* Per-module learning rates: ``optim.lr_multipliers = ("regex=mult", ...)``; the first regex
+* Per-module learning rates: ``optim.lr_multipliers = ((regex, mult), ...)``; the first regex
   that ``re.search``-es a parameter's path gives its multiplier (default 1). Multiplier 0
   freezes the parameters: ``optax.set_to_zero`` and their gradients are left out of the
   global norm used for clipping, so a frozen tower does not change how the others clip.
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from gram_jax.training.config import parse_assignments
+from gram_jax.models.factory import _path_str
+from gram_jax.training.config import path_rules
 
 __all__ = [
     "make_schedule",
@@ -54,26 +55,17 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [warm])
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(getattr(k, "key", k)))
-    # nnx.State leaves end in a ".value"-style attribute of the Variable; drop it.
-    if parts and parts[-1] in ("value", "raw_value"):
-        parts = parts[:-1]
-    return "/".join(parts)
-
-
 def param_paths(params: Any) -> Any:
-    """A pytree like ``params`` whose leaves are the ``"a/b/c"`` path strings."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _path_str(p), params)
+    """A pytree like ``params`` whose leaves are the ``"a/b/c"`` path strings (an
+    ``nnx.State`` leaf's trailing ``value`` attribute is dropped)."""
+
+    def path(keys, _) -> str:
+        parts = _path_str(keys)
+        if parts and parts[-1] in ("value", "raw_value"):
+            parts = parts[:-1]
+        return "/".join(parts)
+
+    return jax.tree_util.tree_map_with_path(path, params)
 
 
 def decay_mask(params: Any) -> Any:
@@ -91,8 +83,8 @@ def decay_mask(params: Any) -> Any:
 def lr_groups(config: ml_collections.ConfigDict, params: Any) -> Any:
     """Per-leaf learning-rate multiplier (float) from ``optim.lr_multipliers``."""
     rules = [
-        (re.compile(pat), float(val))
-        for pat, val in parse_assignments("optim.lr_multipliers", config.optim.lr_multipliers)
+        (pat, float(val))
+        for pat, val in path_rules("optim.lr_multipliers", config.optim.lr_multipliers)
     ]
 
     def mult(path: str) -> float:

@@ -9,8 +9,9 @@ not apply).
 * Parameters (``mesh.params``): ``"replicated"`` (``P()``), or ``"fsdp"``: each parameter with
   at least ``mesh.fsdp_min_size`` elements is split along its largest dimension divisible by
   the fsdp axis size; XLA all-gathers it for the forward pass and reduce-scatters its
-  gradient. ``mesh.rules = ("regex=spec", ...)`` overrides per path, spec ``"replicated"`` or a
-  comma list of axis names / ``None`` per dimension (e.g. ``"fsdp,None"``).
+  gradient. ``mesh.rules = ((regex, spec), ...)`` overrides per path (first match), spec
+  ``"replicated"`` or one axis name / ``None`` per dimension, as a tuple (``("fsdp", None)``)
+  or a comma list (``"fsdp,None"``).
 * Optimizer moments follow their parameter's sharding (same shapes, same rule); scalars
   (step counts) are replicated.
 """
@@ -18,7 +19,6 @@ not apply).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import jax
@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gram_jax import distributed
-from gram_jax.training.config import ConfigError, parse_assignments
+from gram_jax.training.config import ConfigError, path_rules
 from gram_jax.training.optim import param_paths
 
 __all__ = ["DATA_AXES", "make_mesh", "batch_spec", "param_specs", "tree_shardings"]
@@ -54,26 +54,27 @@ def batch_spec() -> P:
     return P(DATA_AXES)
 
 
-def _parse_spec(text: str, ndim: int, key: str) -> P:
-    if text in ("replicated", ""):
+def _parse_spec(spec: str | tuple, ndim: int, key: str) -> P:
+    """A rule's spec (``"replicated"``, ``"fsdp,None"`` or ``("fsdp", None)``) as a P."""
+    if spec in ("replicated", "", ()):
         return P()
-    parts = [p.strip() for p in text.split(",")]
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
     if len(parts) > ndim:
-        raise ConfigError(f"config.mesh.rules: spec {text!r} has more entries than ndim {ndim}")
+        raise ConfigError(f"config.mesh.rules: spec {spec!r} has more entries than ndim {ndim}")
     axes = []
     for p in parts:
-        if p in ("None", "none", ""):
+        if p in (None, "None", "none", ""):
             axes.append(None)
         elif p in DATA_AXES:
             axes.append(p)
         else:
-            raise ConfigError(f"config.mesh.rules: unknown mesh axis {p!r} in {key}={text}")
+            raise ConfigError(f"config.mesh.rules: unknown mesh axis {p!r} in ({key!r}, {spec!r})")
     return P(*axes)
 
 
 def param_specs(config: ml_collections.ConfigDict, params: Any, mesh: Mesh) -> Any:
     """PartitionSpec per parameter leaf (see the module docstring)."""
-    rules = [(re.compile(p), s) for p, s in parse_assignments("mesh.rules", config.mesh.rules)]
+    rules = path_rules("mesh.rules", config.mesh.rules)
     fsdp_size = mesh.shape["fsdp"]
     mode = config.mesh.params
     min_size = int(config.mesh.fsdp_min_size)

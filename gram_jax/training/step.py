@@ -9,25 +9,26 @@ State (a plain pytree of arrays, what Orbax saves)::
      "rng":       uint32 (2,), base key; step s uses fold_in(rng, s),
      "bad_step":  int32 (), -1, or the first step whose loss or gradient was non-finite}
 
-One step: forward of every modality -> loss over the global batch -> gradients -> clipped
-AdamW update -> metrics. The non-finite guard is in the step: if the loss or the gradient
-norm is not finite, the update is skipped and ``bad_step`` records the step; it is sticky, so
-the state stays the last good one and the loop (which reads ``bad_step`` at each log and
-before each checkpoint, not every step) stops with the step number without host syncs in
-between.
+One step (:func:`train_step`): forward of every modality -> loss over the global batch ->
+gradients -> clipped AdamW update -> metrics. The non-finite guard is in the step: if the
+loss or the gradient norm is not finite, the update is skipped and ``bad_step`` records the
+step; it is sticky, so the state stays the last good one and the loop (which reads
+``bad_step`` at each log and before each checkpoint, not every step) stops with the step
+number without host syncs in between. :func:`make_trainer` only derives shardings and jits.
 
-Gradient accumulation (``train.grad_accum = A``) is GradCache-style so that contrastive
-negatives stay global: (1) embeddings of the A microbatches without gradient (``lax.scan``),
-(2) loss and ``dL/d(embeddings)`` once over the global batch, (3) per microbatch, the VJP of
-its re-computed embeddings with its slice of that cotangent, summed. The result equals the
-gradient of the full-batch loss (up to float reassociation); activation memory is one
-microbatch. Microbatch j takes rows ``i * A + j`` so that every device keeps its own rows.
-BatchNorm statistics (CoMM's projector) are then per microbatch.
+Gradient accumulation (``train.grad_accum = A``, :func:`grad_cache`) is GradCache-style so
+that contrastive negatives stay global: (1) embeddings of the A microbatches without
+gradient (``lax.scan``), (2) loss and ``dL/d(embeddings)`` once over the global batch, (3) per
+microbatch, the VJP of its re-computed embeddings with its slice of that cotangent, summed.
+The result equals the gradient of the full-batch loss (up to float reassociation);
+activation memory is one microbatch. Microbatch j takes rows ``i * A + j`` so that every
+device keeps its own rows. BatchNorm statistics (CoMM's projector) are then per microbatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,11 +40,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gram_jax.distributed import replicated
 from gram_jax.training.optim import make_optimizer
 from gram_jax.training.sharding import DATA_AXES, batch_spec, param_specs, tree_shardings
 from gram_jax.training.tasks import Task, build_model
 
-__all__ = ["Trainer", "make_trainer", "example_shapes", "abstract_batch"]
+__all__ = [
+    "Trainer",
+    "train_step",
+    "grad_cache",
+    "make_trainer",
+    "example_shapes",
+    "abstract_batch",
+]
 
 
 def _pure(state) -> Any:
@@ -56,7 +65,9 @@ class Trainer:
 
     ``init()`` returns a fresh sharded state; ``abstract_state`` has ShapeDtypeStructs with
     shardings (for restoring); ``step(state, batch) -> (state, metrics)`` donates ``state``;
-    ``model(state)`` rebuilds the NNX model from a state (for evaluation).
+    ``eval_fns[kind](params, rest, batch)`` are the jitted evaluation functions of this trainer
+    (``"embed"``: :meth:`Task.eval_embed`, ``"features"``: :meth:`Task.features`), compiled on
+    first use and freed with the trainer; ``model(state)`` rebuilds the NNX model of a state.
     """
 
     config: ml_collections.ConfigDict
@@ -70,9 +81,29 @@ class Trainer:
     init: Callable[[], Any]
     step: Callable[[Any, Any], tuple[Any, dict]]
     batch_sharding: NamedSharding
+    eval_fns: dict[str, Callable[[Any, Any, Any], Any]]
 
     def model(self, state) -> nnx.Module:
         return nnx.merge(self.graphdef, state["params"], state["rest"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+def _embed(task: Task, graphdef, params, rest, batch) -> tuple[Any, Any]:
+    """``(emb, new_rest)``: the task's embeddings of ``batch`` and the model's non-parameter
+    variables after the forward pass (BatchNorm statistics, RNG counters)."""
+    model = nnx.merge(graphdef, params, rest)
+    emb = task.embed(model, batch)
+    return emb, _pure(nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def _loss(task: Task, graphdef, params, rest, emb, batch, rng) -> tuple[jax.Array, dict]:
+    """``(loss, metrics)`` of embeddings over the whole batch (the loss's own parameters, such
+    as the temperature, are read from ``params``)."""
+    return task.loss(nnx.merge(graphdef, params, rest), emb, batch, rng)
 
 
 def _split_micro(x, accum: int):
@@ -86,6 +117,107 @@ def _merge_micro(y):
     """Inverse of :func:`_split_micro`: (A, B / A, ...) -> (B, ...)."""
     x = jnp.swapaxes(y, 0, 1)
     return x.reshape(-1, *x.shape[2:])
+
+
+def grad_cache(task: Task, graphdef, params, rest, batch, rng, *, accum: int, mesh: Mesh):
+    """``(loss, metrics, new_rest, grads)`` of the full-batch loss in ``accum`` microbatches.
+
+    GradCache (module docstring): embeddings of every microbatch without gradient, then the
+    loss and ``dL/d(emb)`` once over the global batch, then per microbatch the VJP of its
+    re-computed embeddings with its slice of that cotangent, summed into the loss's own
+    parameter gradient. Activation memory is one microbatch.
+    """
+    micro = jax.tree.map(lambda x: _split_micro(x, accum), batch)
+    micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, DATA_AXES)))
+
+    def forward(r, mb):
+        emb, r_new = _embed(task, graphdef, params, r, mb)
+        return r_new, (jax.lax.stop_gradient(emb), r)
+
+    new_rest, (emb_micro, rest_in) = jax.lax.scan(forward, rest, micro)
+    emb = jax.tree.map(_merge_micro, emb_micro)
+    (loss, metrics), (g_params, g_emb) = jax.value_and_grad(
+        lambda p, e: _loss(task, graphdef, p, new_rest, e, batch, rng),
+        argnums=(0, 1),
+        has_aux=True,
+    )(params, emb)
+    g_emb_micro = jax.tree.map(lambda x: _split_micro(x, accum), g_emb)
+
+    def backward(acc, xs):
+        mb, g, r = xs
+        _, vjp = jax.vjp(lambda p: _embed(task, graphdef, p, r, mb)[0], params)
+        (gp,) = vjp(g)
+        return jax.tree.map(jnp.add, acc, gp), None
+
+    grads, _ = jax.lax.scan(backward, g_params, (micro, g_emb_micro, rest_in))
+    return loss, metrics, new_rest, grads
+
+
+def _keep_if(ok, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def train_step(
+    state: dict,
+    batch: dict,
+    *,
+    task: Task,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    accum: int = 1,
+    mesh: Mesh | None = None,
+) -> tuple[dict, dict[str, jax.Array]]:
+    """One update: forward -> loss over the global batch -> gradients -> Optax update.
+
+    ``accum > 1`` takes the gradient with :func:`grad_cache` (``mesh`` needed). A non-finite
+    loss or gradient norm skips the update and records the step in ``bad_step`` (sticky: every
+    later update is skipped too). Returns the new state and float32 scalar metrics: the task's,
+    plus ``loss``, ``grad_norm``, ``lr`` and ``param_norm`` (of the parameters before the step).
+    """
+    step, params, rest = state["step"], state["params"], state["rest"]
+    rng = jax.random.fold_in(state["rng"], step)
+    if accum > 1:
+        loss, metrics, new_rest, grads = grad_cache(
+            task, graphdef, params, rest, batch, rng, accum=accum, mesh=mesh
+        )
+    else:
+
+        def objective(p):
+            emb, new_rest = _embed(task, graphdef, p, rest, batch)
+            loss, metrics = _loss(task, graphdef, p, new_rest, emb, batch, rng)
+            return loss, (metrics, new_rest)
+
+        (loss, (metrics, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    good_so_far = state["bad_step"] < 0
+    ok = finite & good_so_far
+    new_state = {
+        "params": _keep_if(ok, optax.apply_updates(params, updates), params),
+        "rest": _keep_if(ok, new_rest, rest),
+        "opt_state": _keep_if(ok, new_opt, state["opt_state"]),
+        "step": step + 1,
+        "rng": state["rng"],
+        "bad_step": jnp.where(good_so_far & ~finite, step + 1, state["bad_step"]).astype(jnp.int32),
+    }
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    out["loss"] = loss.astype(jnp.float32)
+    out["grad_norm"] = grad_norm
+    out["lr"] = jnp.asarray(schedule(step), jnp.float32)
+    out["param_norm"] = optax.tree.norm(params)
+    return new_state, out
+
+
+def _eval_apply(params, rest, batch, *, task: Task, graphdef, method: str):
+    """``task.<method>(model, batch)`` of the model in ``(params, rest)`` (evaluation)."""
+    return getattr(task, method)(nnx.merge(graphdef, params, rest), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shardings and jit
+# ---------------------------------------------------------------------------------------------
 
 
 def _opt_specs(abs_opt: Any, abs_params: Any, p_specs: Any) -> Any:
@@ -114,133 +246,61 @@ def _opt_specs(abs_opt: Any, abs_params: Any, p_specs: Any) -> Any:
     return jax.tree_util.tree_map_with_path(spec_of, abs_opt)
 
 
+def _init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:
+    """A fresh state (module docstring) with the config's seeds."""
+    _, params, rest = nnx.split(build_model(config), nnx.Param, ...)
+    params, rest = _pure(params), _pure(rest)
+    return {
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(config.seed + 1),
+        "bad_step": jnp.full((), -1, jnp.int32),
+    }
+
+
 def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> Trainer:
-    """Build the model abstractly, derive shardings, and jit the init and step functions."""
+    """Build the model abstractly, derive the state's shardings, and jit init, step and the
+    evaluation functions (nothing is compiled until first called)."""
     abstract_model = nnx.eval_shape(lambda: build_model(config))
     graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     abs_params, abs_rest = _pure(abs_params), _pure(abs_rest)
     tx, schedule = make_optimizer(config, abs_params)
 
     p_specs = param_specs(config, abs_params, mesh)
-    r_specs = param_specs(config, abs_rest, mesh)
-    abs_opt = jax.eval_shape(tx.init, abs_params)
-    o_specs = _opt_specs(abs_opt, abs_params, p_specs)
     specs = {
         "params": p_specs,
-        "rest": r_specs,
-        "opt_state": o_specs,
+        "rest": param_specs(config, abs_rest, mesh),
+        "opt_state": _opt_specs(jax.eval_shape(tx.init, abs_params), abs_params, p_specs),
         "step": P(),
         "rng": P(),
         "bad_step": P(),
     }
     shardings = tree_shardings(specs, mesh)
-    replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, batch_spec())
-
-    def init_fn():
-        model = build_model(config)
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        params, rest = _pure(params), _pure(rest)
-        return {
-            "params": params,
-            "rest": rest,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(config.seed + 1),
-            "bad_step": jnp.full((), -1, jnp.int32),
-        }
-
-    init = jax.jit(init_fn, out_shardings=shardings)
+    init_fn = functools.partial(_init_state, config, tx)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(init_fn),
         shardings,
     )
-
-    accum = int(config.train.grad_accum)
-
-    def embed(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        emb = task.embed(model, batch)
-        return emb, _pure(nnx.state(model, nnx.Not(nnx.Param)))
-
-    def loss_on(params, rest, emb, batch, rng):
-        model = nnx.merge(graphdef, params, rest)
-        return task.loss(model, emb, batch, rng)
-
-    def grads_direct(params, rest, batch, rng):
-        def f(p):
-            emb, new_rest = embed(p, rest, batch)
-            loss, metrics = loss_on(p, new_rest, emb, batch, rng)
-            return loss, (metrics, new_rest)
-
-        (loss, (metrics, new_rest)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss, metrics, new_rest, grads
-
-    def grads_cached(params, rest, batch, rng):
-        micro = jax.tree.map(lambda x: _split_micro(x, accum), batch)
-        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, DATA_AXES)))
-
-        def fwd(r, mb):
-            emb, r_new = embed(params, r, mb)
-            return r_new, (jax.lax.stop_gradient(emb), r)
-
-        new_rest, (emb_micro, rest_in) = jax.lax.scan(fwd, rest, micro)
-        emb = jax.tree.map(_merge_micro, emb_micro)
-        (loss, metrics), (g_loss, g_emb) = jax.value_and_grad(
-            lambda p, e: loss_on(p, new_rest, e, batch, rng), argnums=(0, 1), has_aux=True
-        )(params, emb)
-        g_emb_micro = jax.tree.map(lambda x: _split_micro(x, accum), g_emb)
-
-        def bwd(acc, xs):
-            mb, g, r = xs
-            _, vjp = jax.vjp(lambda p: embed(p, r, mb)[0], params)
-            (gp,) = vjp(g)
-            return jax.tree.map(jnp.add, acc, gp), None
-
-        grads, _ = jax.lax.scan(bwd, g_loss, (micro, g_emb_micro, rest_in))
-        return loss, metrics, new_rest, grads
-
-    def step_fn(state, batch):
-        step = state["step"]
-        rng = jax.random.fold_in(state["rng"], step)
-        params, rest = state["params"], state["rest"]
-        if accum > 1:
-            loss, metrics, new_rest, grads = grads_cached(params, rest, batch, rng)
-        else:
-            loss, metrics, new_rest, grads = grads_direct(params, rest, batch, rng)
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        ok = finite & (state["bad_step"] < 0)
-
-        def pick(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        new_state = {
-            "params": pick(new_params, params),
-            "rest": pick(new_rest, rest),
-            "opt_state": pick(new_opt, state["opt_state"]),
-            "step": step + 1,
-            "rng": state["rng"],
-            "bad_step": jnp.where(
-                (state["bad_step"] < 0) & ~finite, step + 1, state["bad_step"]
-            ).astype(jnp.int32),
-        }
-        out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        out["loss"] = loss.astype(jnp.float32)
-        out["grad_norm"] = grad_norm
-        out["lr"] = jnp.asarray(schedule(step), jnp.float32)
-        out["param_norm"] = optax.tree.norm(params)
-        return new_state, out
-
-    step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
+    step_fn = functools.partial(
+        train_step,
+        task=task,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=schedule,
+        accum=int(config.train.grad_accum),
+        mesh=mesh,
     )
+    eval_fns = {
+        kind: jax.jit(
+            functools.partial(_eval_apply, task=task, graphdef=graphdef, method=method),
+            out_shardings=replicated(mesh),
+        )
+        for kind, method in (("embed", "eval_embed"), ("features", "features"))
+    }
     return Trainer(
         config=config,
         mesh=mesh,
@@ -250,9 +310,15 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
         schedule=schedule,
         state_shardings=shardings,
         abstract_state=abstract_state,
-        init=init,
-        step=step,
+        init=jax.jit(init_fn, out_shardings=shardings),
+        step=jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=(0,),
+        ),
         batch_sharding=batch_sharding,
+        eval_fns=eval_fns,
     )
 
 

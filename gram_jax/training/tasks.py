@@ -243,10 +243,16 @@ class GramTask(Task):
         return model(self.model_inputs(batch))["embeddings"]
 
     def features(self, model: GramModel, batch: dict) -> jax.Array:
-        """Concatenated pooled encoder outputs (B, sum_m W_m), in modality order: the probe
-        features of CoMM's Cross / Cross+Self baselines (``eval.probe_features="encoders"``)."""
-        enc = model(self.model_inputs(batch))["encoder_outputs"]
-        return jnp.concatenate([enc[m].pooled.astype(jnp.float32) for m in model.modalities], -1)
+        """Linear-probe features, in modality order, by ``eval.probe_features``:
+        ``"embeddings"``: the concatenated unit embeddings (B, k D); ``"encoders"``: the
+        concatenated pooled encoder outputs (B, sum_m W_m), the probe features of CoMM's
+        Cross / Cross+Self baselines."""
+        out = model(self.model_inputs(batch))
+        if self.config.eval.probe_features == "encoders":
+            parts = [out["encoder_outputs"][m].pooled.astype(jnp.float32) for m in model.modalities]
+        else:
+            parts = [out["embeddings"][m] for m in model.modalities]
+        return jnp.concatenate(parts, axis=-1)
 
 
 @dataclasses.dataclass
@@ -321,7 +327,8 @@ class CoMMTask(Task):
         return emb
 
     def features(self, model: CoMMModel, batch: dict) -> jax.Array:
-        """Pre-projector fused vector with every modality (what CoMM's linear probe reads)."""
+        """Linear-probe features: the pre-projector fused vector with every modality (what
+        CoMM's linear probe reads, whatever ``eval.probe_features`` says)."""
         return model.features(self.model_inputs(batch))
 
 
