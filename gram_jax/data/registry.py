@@ -199,7 +199,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, **config) -> p
             # Another process finished first: keep its copy if it is complete.
             if check_dataset_dir(final) is not None:
                 raise
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # disk full, I/O errors (TFDS wraps them)
         raise DataError(
             f"could not generate dataset {name!r} in {final} ({type(e).__name__}: "
             f"{str(e).strip()[:300]}). Remove it and run again: rm -rf {final}"
