@@ -347,7 +347,7 @@ class Checkpointer:
         while (dst := self.directory / f"{step}.corrupt-{n}").exists():
             n += 1
         self._report(
-            f"checkpoint step {step} cannot be read: {problem}; moved to "
+            f"checkpoint step {step} is corrupt or cannot be read: {problem}; moved to "
             f"{self.directory / dst.name}, trying the previous one"
         )
         self.manager.close()

@@ -424,6 +424,8 @@ def _train(config, workdir: pathlib.Path, stack: contextlib.ExitStack) -> dict[s
             if is_log or is_ckpt or stop:
                 bad = int(state["bad_step"])
                 if bad >= 0:
+                    with contextlib.suppress(CheckpointWriteError):
+                        ckpt.finish()  # the save in flight holds a good step: keep it
                     raise NonFiniteError(bad, ckpt.last_good)
             if is_log or stop:
                 m = _fetch(metrics)
