@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 
+from gram_jax.data.embeddings import sha256_file
 from gram_jax.training.config import ConfigError
 
 __all__ = [
@@ -138,14 +138,6 @@ def _describe(diff: dict) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -237,7 +229,7 @@ class Checkpointer:
 
     @staticmethod
     def _write_manifest(step_dir: pathlib.Path) -> None:
-        sums = {str(p.relative_to(step_dir)): _sha256(p) for p in _step_files(step_dir)}
+        sums = {str(p.relative_to(step_dir)): sha256_file(p) for p in _step_files(step_dir)}
         tmp = step_dir / f".{MANIFEST}.tmp"
         with tmp.open("w") as fh:
             json.dump({"sha256": sums}, fh, indent=1, sort_keys=True)
@@ -269,7 +261,7 @@ class Checkpointer:
             path = step_dir / rel
             if not path.is_file():
                 return f"file {rel} is missing"
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 return f"file {rel} does not match its SHA-256 checksum"
         return None
 
