@@ -10,65 +10,35 @@ a structural config change, fewer steps than done, a safe change.
 
 import hashlib
 import json
-import os
 import pathlib
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+import train_process
 
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 200  # long enough that a signal sent at step k lands well before the end
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return train_process.env(1)
 
 
 def _cmd(workdir, data_dir, *extra):
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--workdir",
-        str(workdir),
-        f"--config.data.data_dir={data_dir}",
-        "--config.data.builder={'train_size': 256, 'validation_size': 32, 'test_size': 32}",
-        "--config.train.batch_size=16",
-        f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1",
-        "--config.train.checkpoint_every=50",
-        "--config.train.keep_checkpoints=3",
-        "--config.train.final_eval=False",
-        "--config.train.progress_bar=False",
-        "--config.optim.warmup_steps=3",
-        "--config.eval.batch_size=32",
-        *extra,
-    ]
+    return train_process.cmd(workdir, data_dir, STEPS, 50, *extra)
 
 
 def _run(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(*args, env=_env(), capture_output=True, text=True, timeout=600, **kw)
 
 
-def _rows(workdir) -> list[dict]:
-    return [
-        json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
-def _losses(rows) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+_rows = train_process.rows
+_losses = train_process.losses
 
 
 def _snapshot(workdir) -> dict[str, str]:
