@@ -7,6 +7,11 @@
 Overrides are ``--config.<dotted.key>=<python literal>`` (also ``--config.key value``); they
 are checked against the config schema and a wrong key or value stops the run with a message
 naming it. Running again with the same ``--workdir`` resumes from the newest good checkpoint.
+
+Exit status: 0 done (or already finished), 2 config error (also: a checkpoint written with a
+structurally different config, data that does not fit the model), 3 non-finite loss, failed
+checkpoint save or unusable dataset, 4 workdir in use by another run, 128 + signal number
+after SIGTERM / SIGINT (130, 143).
 """
 
 from __future__ import annotations
@@ -53,16 +58,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = args.workdir or str(pathlib.Path("runs") / config.name)
     # Imported after the config is valid: JAX start-up is not paid for a typo.
-    from gram_jax.training.loop import NonFiniteError, train
+    from gram_jax.data.registry import DataError
+    from gram_jax.training.loop import (
+        CheckpointWriteError,
+        Interrupted,
+        NonFiniteError,
+        WorkdirBusy,
+        train,
+    )
 
     try:
         train(config, workdir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except WorkdirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     return 0
 
 

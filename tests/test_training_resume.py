@@ -1,59 +1,27 @@
 """train.py as a subprocess: exact resume after SIGKILL, and 1 vs 8 devices agree."""
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+import train_process
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 30
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    # See tests/conftest.py: multi-device CPU step executables loaded from a persistent
-    # compilation cache can deadlock in their collectives on jaxlib 0.10.2.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return train_process.env(devices)
 
 
 def _cmd(workdir, data_dir, *extra):
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--workdir",
-        str(workdir),
-        f"--config.data.data_dir={data_dir}",
-        "--config.data.builder={'train_size': 256, 'validation_size': 32, 'test_size': 32}",
-        "--config.train.batch_size=16",
-        f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1",
-        "--config.train.checkpoint_every=5",
-        "--config.train.keep_checkpoints=3",
-        "--config.train.final_eval=False",
-        "--config.train.progress_bar=False",
-        "--config.optim.warmup_steps=3",
-        *extra,
-    ]
+    return train_process.cmd(workdir, data_dir, STEPS, 5, *extra)
 
 
 def _losses(workdir) -> dict[int, float]:
-    """Step -> loss, the LAST logged line of each step winning (a resumed run re-logs)."""
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["kind"] == "train":
-            out[row["step"]] = row["loss"]
-    return out
+    return train_process.losses(train_process.rows(workdir))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,14 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     and ``importlib_resources`` is not a dependency of tensorflow-datasets, so
     ``download_and_prepare`` would fail with ModuleNotFoundError. The plain file path is
     all TFDS needs (to look for a checksums file, which local datasets do not have).
+
+    The default ``file_format`` is ArrayRecord (TFDS's is TFRecord, whose writer needs
+    TensorFlow), so the standard ``tfds.builder(name, data_dir=...).download_and_prepare()``
+    works without TensorFlow and writes what ``gram_jax.data.prepare`` writes.
     """
+
+    def __init__(self, *args, file_format=None, **kwargs):
+        super().__init__(*args, file_format=file_format or "array_record", **kwargs)
 
     @tfds_utils.classproperty
     @classmethod

@@ -107,13 +107,18 @@ class NpzEmbeddingSource:
         return f"NpzEmbeddingSource(len={len(self)}, dims={dims})"
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """First 12 hex digits of the file's SHA-256 (part of the config name)."""
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:12]
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """First 12 hex digits of the file's SHA-256 (part of the config name)."""
+    return sha256_file(path)[:12]
 
 
 @dataclasses.dataclass

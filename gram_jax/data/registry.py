@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -33,6 +34,7 @@ DATASETS = {
     "embeddings": (embeddings.Embeddings, embeddings.EmbeddingsConfig),
 }
 _BUILTIN = frozenset(DATASETS)
+log = logging.getLogger("gram_jax.data")
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
 
 
@@ -105,18 +107,81 @@ def dataset_dir(name: str, data_dir: str | os.PathLike | None = None, **config) 
     return root / builder_cls.name / cfg.name / str(builder_cls.VERSION)
 
 
+class DataError(RuntimeError):
+    """A dataset directory that cannot be used; the message names the file and the fix."""
+
+
+def check_dataset_dir(path: str | os.PathLike) -> str | None:
+    """None if the prepared dataset at ``path`` is complete, else what is wrong with it,
+    naming the file: ``dataset_info.json`` missing or unreadable, a split's ArrayRecord
+    shard missing, truncated or holding another number of records than recorded. Cheap:
+    only each shard's footer is read."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    path = pathlib.Path(path)
+    info_file = path / "dataset_info.json"
+    if not info_file.is_file():
+        return f"{info_file} is missing"
+    try:
+        info = json.loads(info_file.read_text())
+        splits = info["splits"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{info_file} is unreadable ({type(e).__name__}: {e})"
+    ds_name = info.get("name", path.parent.parent.name)
+    for sp in splits:
+        lengths = [int(n) for n in sp.get("shardLengths", [])]
+        for i, n in enumerate(lengths):
+            template = sp.get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+            shard = path / (
+                template.replace("{DATASET}", ds_name)
+                .replace("{SPLIT}", sp["name"])
+                .replace("{FILEFORMAT}", "array_record")
+                .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}")
+            )
+            if not shard.is_file():
+                return f"{shard} is missing"
+            try:
+                reader = ArrayRecordReader(os.fspath(shard))
+                got = reader.num_records()
+                reader.close()
+            except Exception as e:  # noqa: BLE001 - Riegeli raises RuntimeError / ValueError
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                return f"{shard} is corrupt or truncated ({type(e).__name__}: {first})"
+            if got != n:
+                return f"{shard} holds {got} records, dataset_info.json says {n}"
+    return None
+
+
+def _discard(path: pathlib.Path, root: pathlib.Path) -> None:
+    """Move ``path`` out of the way atomically (readers never see half of it), then delete."""
+    trash = root / f".discarded-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return  # another process discarded it first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prepare(name: str, data_dir: str | os.PathLike | None = None, **config) -> pathlib.Path:
     """Generate dataset ``name`` under ``data_dir`` unless present; return its directory.
 
     Idempotent. ``config`` are fields of the dataset's config class
-    (``SyntheticTrimodalConfig``, ``TrifeatureConfig``, ``EmbeddingsConfig``).
+    (``SyntheticTrimodalConfig``, ``TrifeatureConfig``, ``EmbeddingsConfig``). An existing
+    directory is checked (:func:`check_dataset_dir`); an incomplete or corrupt one (every
+    built-in dataset is generated locally, so nothing is lost) is reported, discarded and
+    generated again. A :class:`DataError` names the directory and the command that fixes it
+    when that fails.
     """
     builder_cls, _ = _lookup(name)
     cfg = make_config(name, **config)
     root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     final = root / builder_cls.name / cfg.name / str(builder_cls.VERSION)
-    if (final / "dataset_info.json").is_file():
-        return final
+    if final.exists():
+        problem = check_dataset_dir(final)
+        if problem is None:
+            return final
+        log.warning("dataset %s at %s is unusable: %s; generating it again", name, final, problem)
+        _discard(final, root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".incomplete-{name}-{uuid.uuid4().hex[:8]}"
     try:
@@ -132,10 +197,21 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, **config) -> p
             os.rename(builder.data_dir, final)
         except OSError:
             # Another process finished first: keep its copy if it is complete.
-            if not (final / "dataset_info.json").is_file():
+            if check_dataset_dir(final) is not None:
                 raise
+    except (OSError, RuntimeError) as e:  # disk full, I/O errors (TFDS wraps them)
+        raise DataError(
+            f"could not generate dataset {name!r} in {final} ({type(e).__name__}: "
+            f"{str(e).strip()[:300]}). Remove it and run again: rm -rf {final}"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    problem = check_dataset_dir(final)
+    if problem is not None:
+        raise DataError(
+            f"dataset {name!r} in {final} is unusable right after generating it: {problem}. "
+            f"Check the disk, remove it and run again: rm -rf {final}"
+        )
     return final
 
 

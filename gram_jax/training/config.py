@@ -148,6 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
     c.train.async_checkpointing = True
+    c.train.save_on_signal = True  # SIGTERM / SIGINT: checkpoint the current step, then stop
     c.train.progress_bar = True
     c.train.final_eval = True  # held-out evaluation + final_metrics.json at the end
 

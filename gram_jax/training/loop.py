@@ -4,16 +4,22 @@
 (also written to ``<workdir>/final_metrics.json``). Files in ``workdir``: ``config.json``,
 ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/<step>/``, ``final_metrics.json``.
 
-Exit conditions: normal end (final checkpoint + evaluation); non-finite loss or gradient
+Exit conditions: normal end (final checkpoint + evaluation); the run already finished
+(``steps`` <= the restored step: evaluation only, nothing saved); non-finite loss or gradient
 (:class:`NonFiniteError` naming the step; the last good checkpoint on disk is kept and no
-later one is written).
+later one is written); SIGTERM / SIGINT (:class:`Interrupted`, after checkpointing the
+current step when ``train.save_on_signal``); a failed save (:class:`CheckpointWriteError`,
+at the first step after it failed); a second process on the workdir (:class:`WorkdirBusy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -24,13 +30,28 @@ from flax import nnx
 from gram_jax import data as data_lib
 from gram_jax.models import count_params
 from gram_jax.training import evaluate as eval_lib
-from gram_jax.training.checkpoint import Checkpointer
+from gram_jax.training.checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    WorkdirBusy,
+    WorkdirLock,
+)
+from gram_jax.training.config import ConfigError
 from gram_jax.training.reporting import MetricWriter, Progress, format_report
 from gram_jax.training.sharding import DATA_AXES, make_mesh
 from gram_jax.training.step import Trainer, make_trainer
 from gram_jax.training.tasks import make_task
 
-__all__ = ["train", "evaluate", "NonFiniteError", "setup_runtime", "make_train_iterator"]
+__all__ = [
+    "train",
+    "evaluate",
+    "NonFiniteError",
+    "Interrupted",
+    "CheckpointWriteError",
+    "WorkdirBusy",
+    "setup_runtime",
+    "make_train_iterator",
+]
 
 log = logging.getLogger("gram_jax.training")
 
@@ -164,22 +185,140 @@ def _fetch(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+class Interrupted(RuntimeError):
+    """SIGTERM / SIGINT stopped training at ``step``; ``saved`` says whether that step was
+    checkpointed (``config.train.save_on_signal``)."""
+
+    def __init__(self, signum: int, step: int, saved: bool, last_good: int | None):
+        self.signum = signum
+        self.step = step
+        self.saved = saved
+        name = signal.Signals(signum).name
+        if saved:
+            what = f"checkpoint step {step} saved; run the same command to resume from it"
+        else:
+            where = f"step {last_good}" if last_good is not None else "none"
+            what = f"no checkpoint written for it (last good checkpoint: {where})"
+        super().__init__(f"{name} received: training stopped after step {step}, {what}.")
+
+
+class _Signals:
+    """SIGTERM / SIGINT set a flag that the loop reads between steps (so an in-flight save
+    is never torn down from inside a signal handler). Multi-host runs leave SIGTERM to the
+    JAX preemption service, which makes every host agree on the step
+    (``CheckpointManager.reached_preemption``)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        sigs = [signal.SIGINT]
+        if jax.process_count() == 1:
+            sigs.append(signal.SIGTERM)
+        for s in sigs:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+
+def _check_fields(config, source) -> None:
+    """Every configured modality is a field of the dataset (ConfigError naming the fix)."""
+    fields = sorted(k for k in source[0] if k != "index" and not k.endswith("_mask"))
+    for m in config.model.modalities:
+        if m not in fields:
+            raise ConfigError(
+                f"config.model.modalities.{m}: dataset {config.data.name!r} has no field "
+                f"{m!r}; its fields are {fields}. Name the modalities after them "
+                f"(config.model.modalities, config.model.anchor)."
+            )
+
+
+# Encoder config field that must equal a size of the input, and which axis of one example.
+_INPUT_FIELDS = {"in_features": -1, "n_mels": -1, "in_channels": -1}
+
+
+def _check_inputs(config, trainer: Trainer, state, batch) -> None:
+    """Shape-check one batch against each modality's encoder (abstractly, nothing runs);
+    a mismatch is a one-line ConfigError naming the modality and the key to set."""
+    one = batch["view1"] if config.data.two_views else batch
+    model = trainer.model(state)
+    for m in config.model.modalities:
+        enc = model.encoders[m]
+        x, mask = one[m], one.get(f"{m}_mask")
+        sx = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        smask = None if mask is None else jax.ShapeDtypeStruct(mask.shape, mask.dtype)
+        try:
+            nnx.eval_shape(lambda e, a, k: e(a, k), enc, sx, smask)
+        except (ValueError, TypeError) as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            hint = ""
+            cfg = getattr(enc, "cfg", None)
+            for field, axis in _INPUT_FIELDS.items():
+                want = getattr(cfg, field, None)
+                if want is not None and x.ndim >= 2 and x.shape[axis] != want:
+                    hint = f"; set config.model.modalities.{m}.overrides.{field}={x.shape[axis]}"
+                    break
+            raise ConfigError(
+                f"config.model.modalities.{m}: the data does not fit the model: {msg} (the "
+                f"dataset's {m!r} batches are {x.dtype}{list(x.shape)}){hint or ''}"
+                + ("" if hint else f"; change config.model.modalities.{m} to match the data")
+            ) from None
+
+
+def _saved_config(workdir: pathlib.Path) -> dict | None:
+    path = workdir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Run ``config`` in ``workdir`` (resuming from its newest good checkpoint)."""
+    """Run ``config`` in ``workdir`` (resuming from its newest good checkpoint).
+
+    Raises :class:`ConfigError` (bad config, a checkpoint written with a structurally
+    different config, data that does not fit the model), :class:`WorkdirBusy` (another
+    process is training in ``workdir``), :class:`NonFiniteError`, :class:`Interrupted`
+    (SIGTERM / SIGINT) and :class:`CheckpointWriteError` (a save failed). The checkpointer,
+    metric writer, progress bar, signal handlers and workdir lock are released on every exit.
+    """
     setup_runtime(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(WorkdirLock(workdir))
+        return _train(config, workdir, stack)
 
+
+def _train(config, workdir: pathlib.Path, stack: contextlib.ExitStack) -> dict[str, float]:
+    is_main = jax.process_index() == 0
+    say = Progress(0, 0, False).write
+    say(f"{config.name}: workdir {workdir}")
+    ckpt = Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpointing)
+    stack.push(ckpt.exit)
+    # Before anything is built or written: a refused resume costs nothing and changes no file
+    # (config.json is rewritten only after this check).
+    changes = ckpt.check_config(config, fallback_config=_saved_config(workdir))
     mesh = make_mesh(config)
     t0 = time.time()
     source = load_split(config, config.data.train_split)
+    _check_fields(config, source)
     data_seconds = time.time() - t0
     trainer = get_trainer(config, mesh)
-    writer = MetricWriter(workdir)
-    say = Progress(0, 0, False).write
     n_params = count_params(nnx.eval_shape(lambda: trainer.model(trainer.abstract_state)))
     say(
         f"{config.name}: {config.model.kind} model, {n_params:,} parameters, loss "
@@ -189,37 +328,68 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     )
 
     iterator = make_train_iterator(config, mesh, source)
-    ckpt = Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpointing)
     restored = ckpt.restore(trainer.abstract_state, iterator)
+    writer = stack.enter_context(contextlib.closing(MetricWriter(workdir)))
     for msg in ckpt.messages:
         say(f"WARNING: {msg}")
         writer.event(0, msg)
+    steps = config.train.steps
     if restored is None:
         state = trainer.init()
         start = 0
     else:
         start, state = restored
         msg = f"resumed from checkpoint step {start}"
+        if changes:
+            msg += "; config changed since it was saved: " + "; ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()
+            )
         say(msg)
         writer.event(start, msg)
-    last_saved = start if restored is not None else None
-    progress = Progress(config.train.steps, start, config.train.progress_bar)
-    say = progress.write
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if restored is not None and start >= steps:
+        msg = (
+            f"the run in {workdir} is already finished at step {start} (config.train.steps="
+            f"{steps}): nothing to train, no checkpoint written. Raise config.train.steps to "
+            "train on, or use another --workdir for a new run."
+        )
+        say(msg)
+        writer.event(start, msg)
+        ckpt.close()
+        if not config.train.final_eval:
+            return {}
+        return _final(config, trainer, state, start, workdir, writer, say)
 
-    steps = config.train.steps
+    progress = stack.enter_context(
+        contextlib.closing(Progress(steps, start, config.train.progress_bar))
+    )
+    say = progress.write
+    signals = stack.enter_context(_Signals())
     batch_size = config.train.batch_size
     t_last, s_last = time.time(), start
+    last_saved = start if restored is not None else None
     try:
         for step in range(start + 1, steps + 1):
             batch = next(iterator)
+            if step == start + 1:
+                _check_inputs(config, trainer, state, batch)
             state, metrics = trainer.step(state, batch)
+            ckpt.poll()
+            stop = signals.received is not None or (
+                jax.process_count() > 1 and ckpt.manager.reached_preemption(step)
+            )
+            stop = stop and step != steps  # the last step: finish normally
             is_log = step % config.train.log_every == 0 or step == steps or step == start + 1
             is_ckpt = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            if is_log or is_ckpt:
+            is_ckpt = is_ckpt or (stop and config.train.save_on_signal)
+            if is_log or is_ckpt or stop:
                 bad = int(state["bad_step"])
                 if bad >= 0:
-                    raise NonFiniteError(bad, last_saved)
-            if is_log:
+                    with contextlib.suppress(CheckpointWriteError):
+                        ckpt.finish()  # the save in flight holds a good step: keep it
+                    raise NonFiniteError(bad, ckpt.last_good)
+            if is_log or stop:
                 m = _fetch(metrics)
                 now = time.time()
                 dt = max(now - t_last, 1e-9)
@@ -229,34 +399,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 writer.write(step, "train", m)
                 progress.update(step, m)
             if is_ckpt and step != steps:
-                ckpt.save(step, state, iterator)
+                ckpt.save(step, state, iterator, config)
                 last_saved = step
+            if stop:
+                saved = bool(config.train.save_on_signal)
+                if saved:
+                    ckpt.finish()
+                signum = signals.received or signal.SIGTERM
+                raise Interrupted(signum, step, saved, ckpt.last_good)
             if config.train.eval_every and step % config.train.eval_every == 0 and step != steps:
                 ev = evaluate(trainer, state, config)
                 writer.write(step, "eval", ev)
-                say(format_report(ev, f"evaluation at step {step}"))
+                say(format_report(ev, f"evaluation at step {step}", config))
                 t_last = time.time()
+        signals.__exit__()  # a Ctrl-C during the final evaluation stops it at once
         if last_saved != steps:
-            ckpt.save(steps, state, iterator)
-        ckpt.wait()
-    except NonFiniteError as e:
-        writer.event(e.step, str(e))
-        say(f"ERROR: {e}")
+            ckpt.save(steps, state, iterator, config)
         ckpt.close()
-        writer.close()
-        progress.close()
+    except (NonFiniteError, Interrupted, CheckpointWriteError) as e:
+        writer.event(getattr(e, "step", 0), str(e))
+        say(f"ERROR: {e}")
         raise
     progress.close()
     if not config.train.final_eval:
-        ckpt.close()
-        writer.close()
         return {}
+    return _final(config, trainer, state, steps, workdir, writer, say)
+
+
+def _final(config, trainer, state, step: int, workdir, writer, say) -> dict[str, float]:
     final = evaluate(trainer, state, config)
-    final["train/steps"] = float(steps)
-    writer.write(steps, "eval", final)
-    if is_main:
+    final["train/steps"] = float(step)
+    writer.write(step, "eval", final)
+    if jax.process_index() == 0:
         (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
-    say(format_report(final, f"{config.name}: held-out evaluation after {steps} steps"))
-    ckpt.close()
-    writer.close()
+    say(format_report(final, f"{config.name}: held-out evaluation after {step} steps", config))
     return final

@@ -112,21 +112,52 @@ class Progress:
             self.bar.close()
 
 
-def format_report(metrics: dict[str, float], title: str = "held-out evaluation") -> str:
-    """A text table: one row per (direction, score), columns R@1 R@5 R@10 MdR; probes."""
-    rows: dict[str, dict[str, float]] = {}
+def _direction(name: str, anchor: str | None, rest: str | None) -> str:
+    """``text_to_rest`` -> ``text -> image+audio`` (names as the run's modalities)."""
+    src, _, dst = name.partition("_to_")
+    if rest is not None:
+        src, dst = (rest if x == "rest" else x for x in (src, dst))
+    return f"{src} -> {dst}" if dst else name
+
+
+def format_report(
+    metrics: dict[str, float], title: str = "held-out evaluation", config: Any = None
+) -> str:
+    """A text table: one row per (direction, score), columns R@1 R@5 R@10 (percent of the
+    queries whose match ranks in the top k) and MdR (median rank); linear probes.
+
+    With ``config``, the headline row comes first (anchor -> the other modalities by
+    ``config.eval.scores[0]``, the primary score; marked ``*``) and "rest" is spelled out
+    as the other modalities joined by ``+``.
+    """
+    anchor = rest = None
+    primary = None
+    if config is not None:
+        mods = list(config.model.modalities.keys())
+        anchor = config.model.anchor
+        rest = "+".join(m for m in mods if m != anchor)
+        primary = tuple(config.eval.scores)[0] if config.eval.scores else None
+    rows: dict[tuple[str, str], dict[str, float]] = {}
     for key, v in metrics.items():
         parts = key.split("/")
         if parts[0] == "retrieval" and len(parts) == 4:
-            rows.setdefault(f"{parts[1]:<22} {parts[2]:<14}", {})[parts[3]] = v
-    cols = ("R@1", "R@5", "R@10", "MdR")
+            rows.setdefault((parts[1], parts[2]), {})[parts[3]] = v
+    head = (f"{anchor}_to_rest", primary)
+    order = sorted(rows, key=lambda r: (r != head, r))
+    cols = ("R@1 %", "R@5 %", "R@10 %", "MdR")
     lines = [title]
+    width = max([24] + [len(_direction(d, anchor, rest)) + 2 for d, _ in rows])
     if rows:
-        lines.append(f"{'direction':<22} {'score':<14}" + "".join(f"{c:>8}" for c in cols))
+        lines.append(f"{'direction':<{width}} {'score':<14}" + "".join(f"{c:>8}" for c in cols))
         lines.append("-" * len(lines[-1]))
-    for name in sorted(rows):
-        vals = rows[name]
-        lines.append(name + "".join(f"{vals.get(c, float('nan')):>8.2f}" for c in cols))
+    for d, score in order:
+        vals = rows[(d, score)]
+        mark = "*" if (d, score) == head else " "
+        name = f"{mark}{_direction(d, anchor, rest):<{width - 1}} {score:<14}"
+        keys = [c.split()[0] for c in cols]
+        lines.append(name + "".join(f"{vals.get(c, float('nan')):>8.2f}" for c in keys))
+    if head in rows:
+        lines.append(f"* headline: {_direction(head[0], anchor, rest)} by {primary}")
     if "chance/R@1" in metrics:
         lines.append(
             f"chance R@1 = {metrics['chance/R@1']:.3f} % over {int(metrics['eval/examples'])} "
