@@ -19,10 +19,11 @@ import os
 import pathlib
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
+
+from gram_jax.data.order import ElasticDataRestore, ElasticDataSave
 
 __all__ = ["Checkpointer"]
 
@@ -62,7 +63,7 @@ class Checkpointer:
         donated to the next step)."""
         args = {"state": ocp.args.StandardSave(state)}
         if iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(iterator)
+            args["data"] = ElasticDataSave(iterator)  # restorable on any process count
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def wait(self) -> None:
@@ -78,7 +79,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if iterator is not None:
-                args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+                args["data"] = ElasticDataRestore(iterator)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
