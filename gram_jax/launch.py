@@ -98,7 +98,7 @@ def launch(
     devices_per_process: int | None = None,
     *,
     port: int | None = None,
-    heartbeat_timeout: int | None = None,
+    heartbeat_timeout: int | None = 30,
     peer_grace: float = 10.0,
     term_grace: float = 10.0,
     env: dict[str, str] | None = None,
@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heartbeat-timeout",
         type=int,
-        default=None,
-        help="seconds before a silent peer is declared dead (JAX default 100)",
+        default=30,
+        help="seconds before a silent peer (kill -9, lost host) is declared dead and the "
+        "others exit naming it (JAX's own default is 100)",
     )
     parser.add_argument(
         "--peer-grace",
