@@ -133,3 +133,26 @@ def test_elastic_handler_restores_any_process_count(source, tmp_path):
     with pytest.raises(ValueError, match="no data iterator state"):
         order.ElasticDataHandler().restore(empty, args=order.ElasticDataRestore(fresh))
     assert isinstance(fresh, grain.DatasetIterator)
+
+
+def test_collect_reads_parts_and_pads_to_whole_batches(source):
+    """evaluate.collect over a split that is not a multiple of the batch: outputs and labels
+    in split order, padding cut, on an 8-device mesh."""
+    from gram_jax.training.evaluate import collect
+
+    mesh = jax.make_mesh((8,), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    fn = jax.jit(
+        lambda b: {"s": b["features"].sum(-1)}, out_shardings=NamedSharding(mesh, PartitionSpec())
+    )
+    mods = dict(source.modalities)
+    for max_examples, n in ((0, N), (13, 13)):
+        out, labels = collect(
+            fn, source, batch_size=8, sharding=sharding, modalities=mods,
+            max_examples=max_examples, label_keys=("c",),
+        )  # fmt: skip
+        want = np.array([source[i]["features"].sum() for i in range(n)])
+        np.testing.assert_allclose(out["s"], want, rtol=1e-6)
+        np.testing.assert_array_equal(labels["c"], np.arange(n) % 3)
+    with pytest.raises(ValueError, match="n must be"):
+        order.PaddedSource(source, 0, 8)

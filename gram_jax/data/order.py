@@ -39,6 +39,7 @@ __all__ = [
     "process_rows",
     "num_global_steps",
     "local_positions",
+    "PaddedSource",
     "ElasticDataSave",
     "ElasticDataRestore",
 ]
@@ -116,6 +117,28 @@ def local_positions(
     if not drop_remainder and total < sys.maxsize:
         n += int(np.sum(np.asarray(rows) < total - full * batch_size))
     return grain.MapDataset.range(n).map(_GlobalPosition(stream, batch_size, rows))
+
+
+class PaddedSource:
+    """The first ``n`` records of ``source`` followed by copies of record ``n - 1`` up to a
+    multiple of ``batch_size``: a split read in parts by many processes as whole global
+    batches (every process runs every batch; the copies are cut from the outputs)."""
+
+    def __init__(self, source, n: int, batch_size: int):
+        if not 0 < n <= len(source):
+            raise ValueError(f"n must be in [1, {len(source)}], got {n}")
+        self.source = source
+        self.n = n
+        self.length = -(-n // batch_size) * batch_size
+        self.modalities = getattr(source, "modalities", None)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.source[min(int(i), self.n - 1)]
 
 
 # ---------------------------------------------------------------------------------------------
