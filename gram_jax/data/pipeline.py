@@ -1,4 +1,4 @@
-"""Grain input pipelines: shard by process, shuffle, augment, batch, place on a mesh.
+"""Grain input pipelines: one global order read in parts by the processes, augment, batch, mesh.
 
 ``make_iterator(source, batch_size=..., ...)`` returns a checkpointable
 ``grain.DatasetIterator`` (``get_state()`` / ``set_state()``, usable with orbax through
@@ -27,11 +27,14 @@ stay at the top level. With a ``mesh`` every leaf is a global ``jax.Array`` shar
 ``NamedSharding(mesh, P(data_axis))`` (leading axis); without one, leaves are NumPy arrays
 holding this process's rows.
 
-Pipeline (a ``grain.MapDataset``, so the order does not depend on ``worker_count``):
-``source -> [process_index::process_count] -> shuffle(seed), reshuffled per epoch ->
-repeat(num_epochs) -> convert + augment -> batch(batch_size / process_count)``. The
-augmentation Generator of an example is ``default_rng([seed, epoch, record, view])``, so a
-restored iterator reproduces the same augmented batches.
+Pipeline (a ``grain.MapDataset``, so the order does not depend on ``worker_count``): one
+global stream ``source -> shuffle(seed), reshuffled per epoch -> repeat(num_epochs)``; global
+step ``s`` is the stream positions ``[s * B, (s + 1) * B)`` and each process reads only its
+rows of it (``gram_jax.data.order``), so the examples of a step do not depend on the number
+of processes or devices; then ``convert + augment -> batch(batch_size / process_count)``. The
+augmentation Generator of an example is ``default_rng([seed, epoch, record, view])`` of its
+global position, so a restored iterator (on any process count) reproduces the same
+augmented batches.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gram_jax import modalities as modality_lib
 from gram_jax.data import augment as augment_lib
+from gram_jax.data import order as order_lib
 
 LABEL_PREFIXES = ("factors/", "label/")
 
@@ -149,6 +153,16 @@ def _with_position(i, record):
     return i, record
 
 
+class _AtGlobalPosition:
+    """``(g, item) -> transform(g, item)``: the transform's position is the global one."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, item):
+        return self.transform(*item)
+
+
 def _data_size(mesh, data_axis) -> int:
     axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
     for a in axes:
@@ -218,11 +232,10 @@ def make_dataset(
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     local_batch = batch_size // process_count
-    shard_len = len(range(process_index, n, process_count))
-    if drop_remainder and local_batch > shard_len:
+    if drop_remainder and batch_size > n:
         raise ValueError(
             f"batch of {batch_size} ({local_batch} per process) is larger than "
-            f"the split ({n} examples, {shard_len} on this process)"
+            f"the split ({n} examples)"
         )
 
     first = source[0]
@@ -253,12 +266,21 @@ def make_dataset(
                 f"modalities are {sorted(modalities)}"
             )
 
-    ds = grain.MapDataset.source(source).map_with_index(_with_position)
-    ds = ds[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_Transform(kinds, aug, seed, shard_len, two_views))
+    # One global order for every topology; this process reads its rows of each global batch
+    # (gram_jax/data/order.py). The transform sees global positions: epoch = g // n.
+    stream = order_lib.global_order(
+        grain.MapDataset.source(source).map_with_index(_with_position),
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+    )
+    real = process_index == jax.process_index() and process_count == jax.process_count()
+    sharding = NamedSharding(mesh, PartitionSpec(data_axis)) if mesh is not None and real else None
+    rows = order_lib.process_rows(batch_size, process_index, process_count, sharding)
+    ds = order_lib.local_positions(
+        stream, batch_size=batch_size, rows=rows, drop_remainder=drop_remainder
+    )
+    ds = ds.map(_AtGlobalPosition(_Transform(kinds, aug, seed, n, two_views)))
     ds = ds.batch(local_batch, drop_remainder=drop_remainder)
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
@@ -315,7 +337,7 @@ def make_iterator(
       read_threads, prefetch: grain ``ReadOptions`` (threads, batches read ahead).
 
     Raises:
-      ValueError: empty source, batch larger than the (per-process) split, batch size not
+      ValueError: empty source, batch larger than the split, batch size not
         divisible by the process count or the mesh's data size, unknown modality / kind /
         augmentation preset, data axis not in the mesh.
     """
@@ -342,12 +364,16 @@ def make_iterator(
 
 
 def steps_per_epoch(source, batch_size: int, *, process_count: int | None = None) -> int:
-    """Full batches per epoch on process 0 for ``make_iterator(source, batch_size, ...)``.
+    """Full global batches per epoch for ``make_iterator(source, batch_size, ...)``.
 
-    Batches are cut from the stream of repeated epochs, so a batch may span an epoch
-    boundary; ``k`` epochs give ``floor(k * shard / local_batch)`` batches in total.
+    Batches are cut from the global stream of repeated epochs, so a batch may span an epoch
+    boundary; ``k`` epochs give ``floor(k * N / batch_size)`` batches in total, for any number
+    of processes (``process_count`` is only checked to divide ``batch_size``).
     """
     if process_count is None:
         process_count = jax.process_count()
-    shard = len(range(0, len(source), process_count))
-    return shard // (batch_size // process_count)
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the process count {process_count}"
+        )
+    return len(source) // batch_size

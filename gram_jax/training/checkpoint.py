@@ -31,12 +31,12 @@ import pathlib
 import socket
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 
 from gram_jax.data.embeddings import sha256_file
+from gram_jax.data.order import ElasticDataRestore, ElasticDataSave
 from gram_jax.training.config import ConfigError
 
 __all__ = [
@@ -185,7 +185,7 @@ class Checkpointer:
         self.finish()
         args = {"state": ocp.args.StandardSave(state)}
         if iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(iterator)
+            args["data"] = ElasticDataSave(iterator)  # restorable on any process count
         if config is not None:
             cfg = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
             args["config"] = ocp.args.JsonSave(cfg)
@@ -323,7 +323,7 @@ class Checkpointer:
                 continue
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if iterator is not None:
-                args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+                args["data"] = ElasticDataRestore(iterator)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable

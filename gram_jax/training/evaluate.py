@@ -31,27 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.multihost_utils import process_allgather
 from jax.sharding import NamedSharding
 
 from gram_jax.data import make_iterator
+from gram_jax.data.order import PaddedSource
 from gram_jax.metrics import chunked_retrieval, metrics_from_ranks
 from gram_jax.models import l2_normalize
 
 __all__ = ["collect", "retrieval_report", "linear_probe", "balanced_accuracy", "roc_auc"]
-
-
-def _place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array identical on every process -> a global array with ``sharding``."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _pad(x, size: int) -> np.ndarray:
-    x = np.asarray(x)
-    return np.concatenate([x, np.repeat(x[-1:], size - len(x), 0)])
-
-
-def _head(y, rows: int) -> np.ndarray:
-    return np.asarray(y)[:rows]
 
 
 def collect(
@@ -64,38 +52,31 @@ def collect(
     max_examples: int = 0,
     label_keys: tuple[str, ...] = (),
 ) -> tuple[Any, dict[str, np.ndarray]]:
-    """Run ``fn`` (jitted, batch -> pytree of (B, ...) arrays) over a whole split, in order.
+    """Run ``fn`` (jitted, batch -> pytree of (B, ...) arrays with replicated outputs) over a
+    whole split, in order.
 
-    Every process reads the whole split (evaluation sets are small); the last batch is padded
-    to ``batch_size`` so one compiled shape serves all batches. Returns the concatenated
-    outputs (NumPy) and the requested ``label/<name>`` arrays, truncated to
-    ``max_examples`` (0 = all).
+    Each process reads and converts only its rows of each batch (``gram_jax.data.order``;
+    batches placed with ``sharding``); the split is padded to whole batches by repeating its
+    last example, so one compiled shape serves all batches and every process runs every
+    batch. Returns the concatenated outputs (NumPy, on every process) and the requested
+    ``label/<name>`` arrays, truncated to ``max_examples`` (0 = all).
     """
     n = len(source) if max_examples <= 0 else min(max_examples, len(source))
     it = make_iterator(
-        source,
+        PaddedSource(source, n, batch_size),
         batch_size=batch_size,
         shuffle=False,
         num_epochs=1,
-        drop_remainder=False,
         modalities=modalities,
-        process_index=0,
-        process_count=1,
+        mesh=sharding.mesh,
+        data_axis=sharding.spec[0],
     )
-    outs, labels, seen = [], {k: [] for k in label_keys}, 0
+    outs, labels = [], {k: [] for k in label_keys}
     for batch in it:
-        rows = len(batch["index"])
         model_batch = {k: v for k, v in batch.items() if k != "index" and "/" not in k}
-        if rows < batch_size:
-            model_batch = jax.tree.map(functools.partial(_pad, size=batch_size), model_batch)
-        placed = jax.tree.map(lambda x: _place(np.asarray(x), sharding), model_batch)
-        out = jax.tree.map(functools.partial(_head, rows=rows), fn(placed))
-        outs.append(out)
+        outs.append(jax.tree.map(np.asarray, fn(model_batch)))
         for k in label_keys:
-            labels[k].append(np.asarray(batch[f"label/{k}"]))
-        seen += rows
-        if seen >= n:
-            break
+            labels[k].append(process_allgather(batch[f"label/{k}"], tiled=True))
     cat = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outs)
     return cat, {k: np.concatenate(v)[:n] for k, v in labels.items()}
 

@@ -30,6 +30,7 @@ from flax import nnx
 from gram_jax import data as data_lib
 from gram_jax.models import count_params
 from gram_jax.training import evaluate as eval_lib
+from gram_jax.training import multihost
 from gram_jax.training.checkpoint import (
     Checkpointer,
     CheckpointWriteError,
@@ -79,16 +80,8 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
     if not flags.FLAGS.is_parsed():
         # grain reads absl flags; unparsed flags raise in worker processes (jax_stack.md).
         flags.FLAGS.mark_as_parsed()
-    d = config.distributed
-    if d.initialize:
-        kw = {}
-        if d.coordinator_address:
-            kw["coordinator_address"] = d.coordinator_address
-        if d.num_processes > 0:
-            kw["num_processes"] = d.num_processes
-        if d.process_id >= 0:
-            kw["process_id"] = d.process_id
-        jax.distributed.initialize(**kw)
+    # config.distributed, else the launcher's environment, else JAX's cluster detection.
+    multihost.initialize(config.distributed)
 
 
 def _data_kwargs(config) -> dict[str, Any]:
@@ -315,7 +308,7 @@ def _train(config, workdir: pathlib.Path, stack: contextlib.ExitStack) -> dict[s
     changes = ckpt.check_config(config, fallback_config=_saved_config(workdir))
     mesh = make_mesh(config)
     t0 = time.time()
-    source = load_split(config, config.data.train_split)
+    source = multihost.first_then_rest(lambda: load_split(config, config.data.train_split))
     _check_fields(config, source)
     data_seconds = time.time() - t0
     trainer = get_trainer(config, mesh)
