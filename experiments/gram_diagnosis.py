@@ -197,14 +197,16 @@ def train_run(config, mesh, trainer, max_steps: int, stop_below: float | None) -
             raise FloatingPointError(f"non-finite loss / gradient at step {len(curve['loss'])}")
         for key in curve:
             curve[key].append(float(m.get(key, np.nan)))
+        if step % 50 == 0:
+            print(f"  step {step}: loss {curve['loss'][-1]:.4f}", flush=True)
         if stop_below is not None and curve["loss"][-1] < stop_below:
             break
     curve["steps_per_sec"] = (len(curve["loss"]) - 1) / max(time.time() - t0, 1e-9)
     return state, curve
 
 
-def plateau_run(config_path: str, overrides: list[str], cap: int) -> dict:
-    config, mesh, trainer = _trainer(config_path, [*overrides, *QUIET])
+def plateau_run(config_path: str, overrides: list[str], cap: int, seed: int) -> dict:
+    config, mesh, trainer = _trainer(config_path, [f"seed={seed}", *overrides, *QUIET])
     threshold = math.log(config.train.batch_size) - 0.05
     _, curve = train_run(config, mesh, trainer, cap, threshold)
     losses, g = curve["loss"], np.array(curve["grad_norm"])
@@ -320,19 +322,22 @@ def markdown(res: dict) -> str:
             f"## (b) plateau of `{res['config']}`: first step with loss < ln(B) - 0.05 "
             f"= {math.log(B) - 0.05:.3f} (schedule of the config; runs stop there or at the cap)",
             "",
-            "| run | plateau steps | grad_norm step 1 | mean steps 1-25 | mean steps 26-50 "
-            "| steps/s |",
+            "| run | plateau steps: mean ± std (per seed) | grad_norm step 1 | mean steps 1-25 "
+            "| mean steps 26-50 | steps/s |",
             "|---|---|---|---|---|---|",
         ]
-        for name, r in pl.items():
-            steps = r["plateau_steps"] if r["plateau_steps"] is not None else f"> {r['cap']}"
-            g50 = r["grad_norm/steps26-50"]
+        for name, runs in pl.items():
+            rs = list(runs.values())
+            steps = [r["plateau_steps"] if r["plateau_steps"] is not None else math.inf for r in rs]
+            shown = ", ".join(str(x) if x != math.inf else f"> {rs[0]['cap']}" for x in steps)
+            mean = f"{np.mean(steps):.0f} ± {np.std(steps):.0f}" if math.inf not in steps else "-"
+            s = summarise(rs, skip=("overrides", "curve", "plateau_steps", "cap", "threshold"))
             lines.append(
-                f"| {name} | {steps} | {r['grad_norm/step1']:.4f} | "
-                f"{r['grad_norm/steps1-25']:.4f} | "
-                + (f"{g50:.4f}" if g50 is not None else "-")
-                + f" | {r['steps_per_sec']:.2f} |"
+                f"| {name} | {mean} ({shown}) | {_pm(s, 'grad_norm/step1', '.4f')} | "
+                f"{_pm(s, 'grad_norm/steps1-25', '.4f')} | {_pm(s, 'grad_norm/steps26-50', '.4f')}"
+                f" | {s['steps_per_sec']['mean']:.2f} |"
             )
+        lines.append(f"\nSeeds {sorted(next(iter(pl.values())))}: mean ± std (each seed).")
     an = res.get("anti", {})
     if an:
         lines += [
@@ -343,14 +348,26 @@ def markdown(res: dict) -> str:
             "| T->rest R@1 volume | T->rest R@1 cosine |",
             "|---|---|---|---|---|---|---|",
         ]
-        for name, r in an.items():
-            for m in sorted(k.split("/")[1] for k in r if k.startswith("anti_aligned/")):
+        for name, runs in an.items():
+            rs = list(runs.values())
+            s = summarise(rs)
+            for m in sorted(k.split("/")[1] for k in s if k.startswith("anti_aligned/")):
                 lines.append(
-                    f"| {name} | {r['steps']} | {m} | {r[f'anti_aligned/{m}']:.3f} | "
-                    f"{r[f'cos_positive_mean/{m}']:.3f} | {r['R@1/text_to_rest/volume']:.1f} | "
-                    f"{r['R@1/text_to_rest/cosine']:.1f} |"
+                    f"| {name} (n={len(rs)}) | {rs[0]['steps']} | {m} | "
+                    f"{_pm(s, f'anti_aligned/{m}')} | {_pm(s, f'cos_positive_mean/{m}')} | "
+                    f"{_pm(s, 'R@1/text_to_rest/volume', '.1f')} | "
+                    f"{_pm(s, 'R@1/text_to_rest/cosine', '.1f')} |"
                 )
-        r0 = next(iter(an.values()))
+            per_seed = ", ".join(
+                f"seed {k}: "
+                + " / ".join(
+                    f"{r[f'anti_aligned/{m}']:.3f}"
+                    for m in sorted(x.split("/")[1] for x in r if x.startswith("anti_aligned/"))
+                )
+                for k, r in runs.items()
+            )
+            lines.append(f"| | | per seed (anti-aligned, modalities as above) | {per_seed} | | | |")
+        r0 = next(iter(next(iter(an.values())).values()))
         lines.append(f"\n{r0['items']} held-out items; chance R@1 = {r0['chance/R@1']:.2f} %.")
     lines.append(f"\nTotal wall clock: {res['wall_seconds_total']:.0f} s.")
     return "\n".join(lines) + "\n"
@@ -368,7 +385,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["grad", "plateau", "anti"],
-        choices=["grad", "plateau", "anti", "report"],
+        choices=["grad", "grad_model", "plateau", "anti", "report"],
         help="report: only rewrite the Markdown from the JSON (with --resume)",
     )
     p.add_argument("--config", default="configs/default.py")
@@ -393,7 +410,7 @@ def main() -> None:
         res["wall_seconds_total"] = time.time() - t_start
         write(res, args.out)
 
-    if "grad" in args.parts:
+    if "grad" in args.parts:  # "grad_model": only the untrained model's embeddings
         gr = res.setdefault("grad_random", {})
         for dim in DIMS:
             for tau in TAUS:
@@ -402,6 +419,7 @@ def main() -> None:
                     if str(d) not in cell:
                         cell[str(d)] = grad_random(dim, tau, d)
             save()
+    if "grad" in args.parts or "grad_model" in args.parts:
         gm = res.setdefault("grad_model", {})
         for seed in args.seeds:
             if str(seed) not in gm:
@@ -409,19 +427,24 @@ def main() -> None:
                 save()
     if "plateau" in args.parts:
         pl = res.setdefault("plateau", {})
-        for name in args.plateau_runs:
-            if name not in pl or pl[name]["cap"] != args.plateau_cap:
-                print(f"plateau run {name}", flush=True)
-                pl[name] = plateau_run(config, PLATEAU_RUNS[name], args.plateau_cap)
-                save()
+        for seed in args.seeds:  # seed-major: an interrupted study has every factor
+            for name in args.plateau_runs:
+                runs = pl.setdefault(name, {})
+                if str(seed) not in runs:
+                    print(f"plateau run {name} seed {seed}", flush=True)
+                    runs[str(seed)] = plateau_run(
+                        config, PLATEAU_RUNS[name], args.plateau_cap, seed
+                    )
+                    save()
     if "anti" in args.parts:
         an = res.setdefault("anti", {})
-        for name, path in (("gram", config), ("infonce_anchored", baseline)):
-            key = f"{name} ({pathlib.Path(path).name})"
-            if key not in an or an[key]["steps"] != args.steps:
-                print(f"anti-alignment run {key}, {args.steps} steps", flush=True)
-                an[key] = anti_run(path, args.steps, args.seeds[0])
-                save()
+        for seed in args.seeds:
+            for name, path in (("gram", config), ("infonce_anchored", baseline)):
+                runs = an.setdefault(f"{name} ({pathlib.Path(path).name})", {})
+                if str(seed) not in runs:  # --resume keeps a finished run whatever its --steps
+                    print(f"anti-alignment run {name} seed {seed}, {args.steps} steps", flush=True)
+                    runs[str(seed)] = anti_run(path, args.steps, seed)
+                    save()
     save()
     print(markdown(res))
 
