@@ -15,7 +15,13 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-LOCAL = {"gram_jax", "configs", "experiments", "benchmarks", "train", "conftest", "summary"}
+# The package, the script folders and the modules a script imports from beside itself
+# (``benchmarks/_timing.py``, ``tests/train_process.py``, ``experiments/summary.py``, ...).
+LOCAL = {"gram_jax", "configs", "experiments", "benchmarks", "train"} | {
+    p.stem
+    for d in ("tests", "benchmarks", "experiments", "configs")
+    for p in (ROOT / d).glob("*.py")
+}
 NOT_IMPORTED = {  # declared on purpose, never imported
     "array-record": "the ArrayRecord format the TFDS builders write and Grain reads",
     "ruff": "the linter",

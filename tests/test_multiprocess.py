@@ -157,7 +157,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     steps = list(range(1, CI_STEPS + 1))
     assert [r["step"] for r in _rows(tmp_path / "2x4")] == steps
     _assert_close(_losses(tmp_path / "2x4"), _losses(tmp_path / "1x8"), steps)
-    assert "[p0] default: gram model" in out and "[p1] default: gram model" not in out
+    assert "[p0] gram_synthetic: gram model" in out and "[p1] gram_synthetic: gram model" not in out
 
 
 STEPS = 60
