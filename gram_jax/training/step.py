@@ -204,6 +204,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh, task: Task) -> T
     def step_fn(state, batch):
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
+        batch = dict(batch, step=jnp.full(jax.tree.leaves(batch)[0].shape[:1], step))  # per row
         params, rest = state["params"], state["rest"]
         if accum > 1:
             loss, metrics, new_rest, grads = grads_cached(params, rest, batch, rng)
