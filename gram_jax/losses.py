@@ -749,11 +749,9 @@ def symile_loss(
       every driver; under ``axis_name`` the others are all-gathered to apply the global
       permutation (``O(B k D)`` per device even for the ring).
     - ``"n_squared"``: every combination of the other modalities' rows, ``B^(k-1)`` candidates
-      per anchor (their ``compute_logits_n_squared_3_modes`` for k = 3, generalised: block
-      ``s = (s_2, ...)`` holds ``x_1[j] * prod_l x_l[j - s_l]``, the first block the positives).
-      Dense, single device only (small B). The package's general-k path instead labels the
-      combination ``(0, ..., 0, i)`` as row i's positive and detaches the non-anchor product;
-      that is not reproduced.
+      per anchor, built by rolls as the package's ``compute_non_anchor_products``: block
+      ``s = (s_2, ...)`` holds ``x_1[j] * prod_l x_l[j - s_l]``, the first block (no shift) the
+      positives. Dense, single device only (small B).
 
     ``temperature``: ``1 / logit_scale``. Returns ``(loss, metrics)``: ``loss``, ``temperature``,
     ``mip/positive`` (mean positive MIP) and ``accuracy/<m>`` per anchor modality.

@@ -154,7 +154,8 @@ def chunked_retrieval(
 
     Args:
       anchor, *others: the embedding tables; row i of each is item i.
-      score: ``"volume"``, ``"span_distance"`` or ``"cosine"`` (cosine uses ``others[0]``).
+      score: a name of :data:`gram_jax.scores.SCORES` (``"volume"``, ``"span_distance"``,
+        ``"cosine"`` (uses ``others[0]``), ``"simplex"``, ``"symile"``).
       direction: ``"anchor_to_rest"`` ranks candidates (others) for each anchor;
         ``"rest_to_anchor"`` ranks anchors for each candidate.
       chunk_size: block size.
