@@ -143,6 +143,15 @@ def test_simplex_precision_on_aligned_tuples(k):
     eps = float(np.finfo(np.float32).eps)
     for delta, e in zip((1e-1, 3e-2, 1e-2), errs, strict=True):
         assert e <= 8 * np.sqrt(d) * eps / delta**2 + 1e-5, (delta, e)
+    if k >= 3:
+        # The candidate's own simplex tiny, the anchor far: det(F F^T) comes from D-space
+        # Gram-Schmidt, so float32 keeps ~1e-5 (edges from the anchor: 100 % error at k = 4).
+        a = _unit(rng, 1, d)
+        cs = [base + 1e-4 * rng.normal(size=(1, d)) / np.sqrt(d) for _ in range(k - 1)]
+        cs = [c / np.linalg.norm(c) for c in cs]
+        ref = _simplex_ref(a, cs)[0, 0]
+        got = float(volume.pairwise_simplex_volume(*[jnp.float32(v) for v in (a, *cs)])[0, 0])
+        assert abs(got - ref) <= 1e-4 * ref, (got, ref)
 
 
 def test_retrieval_scores_through_the_one_table():
