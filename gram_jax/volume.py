@@ -53,6 +53,10 @@ choice keeps one degenerate item from poisoning a batch. ``gradient="faithful"``
 span of the previous ones (a repeated modality, a zero vector) is rounding noise away from
 exactly dependent and is treated as such: its pivot is exactly 0, so is ``det``.
 
+**Simplex volumes** (:func:`pairwise_simplex_volume`, :func:`simplex_volume`): the simplex with
+the k embeddings' endpoints as vertices, on the same elimination with edges from the candidate's
+first vector (the comment above :class:`SimplexCandidate`; ``docs/nmodal.md``).
+
 All Gram dot products run at ``precision=HIGHEST``: TF32/bf16-rounded products move MSR-VTT R@1
 by up to 0.4 points.
 """
