@@ -352,7 +352,8 @@ def test_symile_matches_the_symile_package(sampling, k, monkeypatch):
         # The package draws torch.randperm per (anchor, other modality) in this order; feed it
         # the permutations our loss draws from ``key``.
         flat = iter(p for per_anchor in _symile_perms(key, k, b) for p in per_anchor)
-        monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.as_tensor(np.array(next(flat))))
+        draw = lambda n, **kw: torch.as_tensor(np.array(next(flat)))
+        monkeypatch.setattr(torch, "randperm", draw)
     mods = [torch.tensor(x) for x in [anchor, *others]]
     want = float(symile.Symile(negative_sampling=sampling)(mods, torch.tensor(1.0 / tau)))
     got = losses.symile_loss(
@@ -360,3 +361,78 @@ def test_symile_matches_the_symile_package(sampling, k, monkeypatch):
         negative_sampling=sampling,
     )[0]  # fmt: skip
     np.testing.assert_allclose(float(got), want, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the trainer: the task passes key / step, eval accepts the new scores
+# ---------------------------------------------------------------------------------------------
+
+
+def _feature_config(names, **loss):
+    from gram_jax.training.config import base_config, validate
+
+    c = base_config()
+    c.model.modalities = {
+        n: {"kind": "features", "preset": "tiny", "overrides": {"in_features": 4, "depth": 0}}
+        for n in names
+    }
+    c.model.anchor = names[0]
+    c.model.embed_dim = 8
+    for key, value in loss.items():
+        c.loss[key] = value
+    validate(c)
+    return c
+
+
+@pytest.mark.parametrize("name", ["simplex", "triangle", "symile", "gram+infonce"])
+def test_task_runs_each_new_loss(name):
+    from flax import nnx
+
+    from gram_jax.training import tasks
+
+    config = _feature_config(("a", "b", "c"), name=name)
+    model, task = tasks.build_model(config), tasks.make_task(config)
+    x = np.random.default_rng(1).standard_normal((3, 8, 4)).astype(np.float32)
+    batch = {"a": x[0], "b": x[1], "c": x[2], "step": jnp.full((8,), 7, jnp.int32)}
+
+    def f(model):
+        return task.loss(model, task.embed(model, batch), batch, jax.random.key(0))
+
+    (loss, m), grads = nnx.value_and_grad(f, has_aux=True)(model)
+    assert np.isfinite(float(loss))
+    norm = sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads))
+    assert np.isfinite(norm) and norm > 0
+    if name == "gram+infonce":  # step 7 of the default 200-step handover from 1.0 to 0.0
+        assert float(m["weight"]) == pytest.approx(1.0 - 7 / 200)
+
+
+def test_train_gram_infonce_with_new_eval_scores(tmp_path):
+    """``train``: the train step hands the step to the loss (the weight moves), and
+    ``eval.scores`` takes ``simplex`` and ``symile``."""
+    import json
+
+    from gram_jax.training.loop import train
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((64, 4)).astype(np.float32)
+    path = tmp_path / "toy.npz"
+    np.savez(path, a=z @ rng.standard_normal((4, 4)).astype(np.float32), b=z, c=-z)
+    config = _feature_config(("a", "b", "c"), name="gram+infonce", handover_steps=2)
+    config.data.name = "embeddings"
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.builder = {"npz_path": str(path), "test_fraction": 0.25, "seed": 0}
+    config.train.batch_size = 16
+    config.train.steps = 3
+    config.train.log_every = 1
+    config.train.checkpoint_every = 3
+    config.train.progress_bar = False
+    config.optim.warmup_steps = 1
+    config.eval.batch_size = 16
+    config.eval.scores = ("simplex", "symile")
+    train(config, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    weights = [x["weight"] for x in lines if x["kind"] == "train"]
+    assert weights == pytest.approx([1.0, 0.5, 0.0])
+    text = (tmp_path / "run" / "final_metrics.json").read_text()
+    for score in ("simplex", "symile"):
+        assert any(score in k and "R@1" in k for k in text.split('"')), text[:400]
