@@ -17,6 +17,9 @@ process and interleaved round by round (so load from other processes hits all al
 - ``ours_loss`` / ``adjugate_loss`` / ``dense_loss`` / ``torch_loss``: the GRAM contrastive
   loss (both directions, label smoothing 0.1, exact gradient), forward + backward w.r.t. all k
   inputs;
+- ``simplex_volume`` / ``simplex_loss``: :func:`gram_jax.volume.pairwise_simplex_volume` and
+  the ``simplex`` loss (issue 14), against ``ours_volume`` / ``ours_loss`` (``--simplex-only``
+  times just these four);
 - ``infonce_loss``: anchored InfoNCE over the same k - 1 (anchor, modality) pairs per item pair,
   forward + backward.
 
@@ -28,6 +31,7 @@ temporary allocation of the compiled function, ``compiled.memory_analysis().temp
     python benchmarks/volume_bench.py --quick    # a smoke run in well under a minute
     python benchmarks/volume_bench.py --batch 1024 2048 --k 4 --repeats 15
     python benchmarks/volume_bench.py --batch 1024 --k 4 --x64   # + the float64 recipe's cost
+    python benchmarks/volume_bench.py --batch 2048 --k 4 --simplex-only  # simplex vs volume
 """
 
 from __future__ import annotations
@@ -46,8 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 from _timing import interleaved, paired_ratio, ratio, temp_bytes
 
-from gram_jax.losses import gram_contrastive_loss, infonce_loss, smoothed_cross_entropy
-from gram_jax.volume import _gemm, pairwise_volume
+from gram_jax.losses import (
+    gram_contrastive_loss,
+    infonce_loss,
+    simplex_contrastive_loss,
+    smoothed_cross_entropy,
+)
+from gram_jax.volume import _gemm, pairwise_simplex_volume, pairwise_volume
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 TAU = 0.07
@@ -59,6 +68,7 @@ TARGETS = {
     "dense_over_ours": (">=", 10.0),
     "loss_over_infonce": ("<=", 1.5),
     "memory_ours_over_dense": ("<=", 0.25),
+    "simplex_over_volume": ("<=", 1.3),  # issue 14
 }
 
 
@@ -151,6 +161,10 @@ def dense_loss(anchor, *others, precision=_HIGHEST):
     return _loss_from_volume(dense_volume(anchor, *others, precision=precision))
 
 
+def simplex_loss(anchor, *others):
+    return simplex_contrastive_loss(anchor, others, TAU, label_smoothing=SMOOTHING)[0]
+
+
 def anchored_infonce(anchor, *others):
     return infonce_loss(anchor, list(others), TAU, pairs="anchored")[0]
 
@@ -214,6 +228,7 @@ def bench_case(
     mem_limit: float,
     torch_fns,
     x64: bool = False,
+    simplex_only: bool = False,
 ):
     rng = np.random.default_rng(b * 10 + k)
     xs = rng.standard_normal((k, b, d)).astype(np.float32)
@@ -229,18 +244,29 @@ def bench_case(
         "adjugate_loss": jax.jit(fwd_bwd(adjugate_loss, k)),
         "infonce_loss": jax.jit(fwd_bwd(anchored_infonce, k)),
         "dense_loss": jax.jit(fwd_bwd(dense_loss, k)),
+        "simplex_volume": jax.jit(pairwise_simplex_volume),
+        "simplex_loss": jax.jit(fwd_bwd(simplex_loss, k)),
     }
+    if simplex_only:
+        keep = ("ours_volume", "simplex_volume", "ours_loss", "simplex_loss")
+        jitted = {n: jitted[n] for n in keep}
+        torch_fns = None
     memory = {name: temp_bytes(fn, args) for name, fn in jitted.items()}
     skipped = {
         name: f"temporary memory {memory[name] / 2**30:.1f} GiB > --dense-memory-limit-gb"
         for name in ("dense_volume", "dense_loss")
-        if memory[name] > mem_limit * 2**30
+        if name in memory and memory[name] > mem_limit * 2**30
     }
 
     fast_names = ("ours_volume", "adjugate_volume", "floor", "ours_loss", "adjugate_loss")
-    fast = {n: (jitted[n], args) for n in (*fast_names, "infonce_loss")}
+    fast_names = (*fast_names, "infonce_loss", "simplex_volume", "simplex_loss")
+    fast = {n: (jitted[n], args) for n in fast_names if n in jitted}
     times = interleaved(fast, repeats)
-    slow = {n: (jitted[n], args) for n in ("dense_volume", "dense_loss") if n not in skipped}
+    slow = {
+        n: (jitted[n], args)
+        for n in ("dense_volume", "dense_loss")
+        if n in jitted and n not in skipped
+    }
     if torch_fns is not None:
         torch, t_volume, t_loss = torch_fns
         targs = tuple(torch.from_numpy(x) for x in xs)
@@ -263,6 +289,14 @@ def bench_case(
 
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = {
+        "simplex_over_volume": paired_ratio(times, "simplex_volume", "ours_volume"),
+        "simplex_loss_over_loss": paired_ratio(times, "simplex_loss", "ours_loss"),
+        "memory_simplex_over_volume": ratio(memory["simplex_volume"], memory["ours_volume"]),
+    }
+    if simplex_only:
+        times_only = {"median_s": med, "repeats": {n: len(t) for n, t in times.items()}}
+        return {"B": b, "k": k, "D": d, **times_only, "temp_bytes": memory, "ratios": ratios}
+    ratios |= {
         "ours_over_floor": paired_ratio(times, "ours_volume", "floor"),
         "ours_over_floor_of_medians": ratio(med.get("ours_volume"), med.get("floor")),
         "adjugate_over_floor": paired_ratio(times, "adjugate_volume", "floor"),
@@ -299,6 +333,8 @@ def acceptance(results: list[dict]) -> dict:
         return {"checked": False, "reason": "B = 2048, k = 4 not in this run"}
     out: dict = {"checked": True, "B": 2048, "k": 4}
     for name, (op, bound) in TARGETS.items():
+        if name not in case["ratios"]:
+            continue
         value = case["ratios"][name]
         ok = None if value is None else (value <= bound if op == "<=" else value >= bound)
         out[name] = {"value": value, "target": f"{op} {bound}", "met": ok}
@@ -323,6 +359,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--x64", action="store_true", help="also time float64 inputs under jax_enable_x64"
     )
+    parser.add_argument(
+        "--simplex-only", action="store_true", help="only the simplex score / loss vs the volume's"
+    )
     args = parser.parse_args(argv)
 
     batches = args.batch or ([256, 512] if args.quick else [512, 1024, 2048, 4096])
@@ -344,9 +383,14 @@ def main(argv=None) -> dict:
                 args.dense_memory_limit_gb,
                 torch_fns,
                 x64=args.x64,
+                simplex_only=args.simplex_only,
             )
             results.append(res)
             r = res["ratios"]
+            log(f"B={b} k={k}: simplex/volume {r['simplex_over_volume']:.2f}, "
+                f"simplex loss/loss {r['simplex_loss_over_loss']:.2f}")  # fmt: skip
+            if args.simplex_only:
+                continue
             log(
                 f"B={b} k={k}: ours/floor {r['ours_over_floor']:.2f}, "
                 f"dense/ours {r['dense_over_ours'] or float('nan'):.1f}, "

@@ -47,8 +47,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from gram_jax import scores as score_lib
 from gram_jax.distributed import IMPLS, Impl, pair_stats
-from gram_jax.volume import GradientMode, pairwise_volume, validate_pairwise_inputs
+from gram_jax.volume import (
+    GradientMode,
+    _product,
+    pairwise_simplex_det,
+    pairwise_simplex_volume,
+    pairwise_volume,
+    validate_pairwise_inputs,
+)
 
 __all__ = [
     "Metrics",
@@ -66,6 +74,11 @@ __all__ = [
     "cross_self_loss",
     "sample_hard_negatives",
     "dam_loss",
+    "simplex_contrastive_loss",
+    "triangle_loss",
+    "symile_loss",
+    "handover_weight",
+    "gram_infonce_loss",
     "LossSpec",
     "LOSSES",
     "register_loss",
@@ -272,14 +285,24 @@ def gram_contrastive_loss(
       ``(loss, metrics)``; metrics: ``loss``, ``temperature``, ``volume/positive`` and
       ``volume/negative`` (means), ``accuracy/anchor_to_rest`` and ``accuracy/rest_to_anchor``.
     """
+    return _distance_contrastive(
+        lambda a, o: pairwise_volume(a, *o, gradient=volume_gradient), "volume",
+        anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size,
+    )  # fmt: skip
+
+
+def _distance_contrastive(
+    score, name, anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size
+) -> tuple[Array, Metrics]:
+    """GRAM's two-direction label-smoothed CE with logits ``-score / tau`` (any lower-is-better
+    pair score; GRAM, simplex, TRIANGLE). Metrics ``<name>/positive`` and ``/negative``."""
     others = _as_list(others)
     _check_square_batch(anchor, others)
     check_temperature(temperature)
     check_label_smoothing(label_smoothing)
     _check_choice("gradient", gradient, ("exact", "faithful"))
     row, col = pair_stats(
-        lambda a, o: pairwise_volume(a, *o, gradient=volume_gradient),
-        anchor, tuple(others), -1.0 / temperature,  # z = -V / tau
+        score, anchor, tuple(others), -1.0 / temperature,  # z = -score / tau
         axis_name=axis_name, impl=impl, chunk_size=chunk_size, faithful=gradient == "faithful",
     )  # fmt: skip
     g = _Global(anchor.shape[0], axis_name)
@@ -288,8 +311,8 @@ def gram_contrastive_loss(
     metrics = {
         "loss": loss,
         "temperature": jnp.asarray(temperature, jnp.float32),
-        "volume/positive": -tau * g.mean(stats["pos"]),
-        "volume/negative": -tau * g.offdiag_mean(stats),
+        f"{name}/positive": -tau * g.mean(stats["pos"]),
+        f"{name}/negative": -tau * g.offdiag_mean(stats),
         "accuracy/anchor_to_rest": g.accuracy(row),
         "accuracy/rest_to_anchor": g.accuracy(col),
     }
@@ -621,6 +644,222 @@ def dam_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# The n-modal family beside GRAM: simplex volume, TRIANGLE, Symile; GRAM with a cosine warm-up
+# (formulas and sources: docs/nmodal.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def simplex_contrastive_loss(
+    anchor: Float[Array, "B D"],
+    others: Sequence[Float[Array, "B D"]],
+    temperature: Float[Array, ""] | float,
+    label_smoothing: float = 0.1,
+    gradient: Literal["exact", "faithful"] = "exact",
+    volume_gradient: GradientMode = "safe",
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], Metrics]:
+    """GRAM's loss with the simplex volume in place of the parallelotope's (any k >= 2).
+
+    ``S_ij`` = (k-1)-volume of the simplex with vertices ``anchor_i, others[0]_j, ...``
+    (:func:`gram_jax.volume.pairwise_simplex_volume`: the chord length for k = 2, the
+    triangle's area for k = 3); ``L = 1/2 [mean_i CE_eps(-S_i. / tau, i) + mean_j
+    CE_eps(-S_.j / tau, j)]``. Sign-aware, unlike the volume: flipping a modality's embedding
+    changes ``S``. Arguments as :func:`gram_contrastive_loss`; metrics ``simplex/positive`` /
+    ``simplex/negative`` (mean volumes) and the two accuracies.
+    """
+    return _distance_contrastive(
+        lambda a, o: pairwise_simplex_volume(a, *o, gradient=volume_gradient), "simplex",
+        anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size,
+    )  # fmt: skip
+
+
+def _triangle_score(a: Array, o: Sequence[Array]) -> Array:
+    return 0.5 * pairwise_simplex_det(a, *o)
+
+
+def triangle_loss(
+    anchor: Float[Array, "B D"],
+    others: Sequence[Float[Array, "B D"]],
+    temperature: Float[Array, ""] | float,
+    label_smoothing: float = 0.1,
+    gradient: Literal["exact", "faithful"] = "exact",
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], Metrics]:
+    """TRIANGLE's training loss (k = 3: anchor t, candidates v, a), as in the authors' code.
+
+    Their score (``utils/area.py`` ``area_computation``, the square root removed there) is
+
+        T_ij = (|u|^2 |w|^2 - (u.w)^2) / 2,    u = t_i - v_j,  w = t_i - a_j,
+
+    i.e. ``2 Area_ij^2`` (``Area = 1/2 sqrt(.)`` is the paper's triangle area), not the area:
+    :func:`gram_jax.volume.pairwise_simplex_det` / 2 here, computed stably. The loss is GRAM's
+    two-direction label-smoothed CE with logits ``-T / tau``. :func:`simplex_contrastive_loss`
+    with k = 3 is the same loss on the area itself. Arguments as :func:`gram_contrastive_loss`.
+    """
+    others = _as_list(others)
+    if len(others) != 2:
+        raise ValueError(
+            f"TRIANGLE is defined for k = 3 modalities (anchor + 2), got k = {1 + len(others)}; "
+            "use loss 'simplex' for any k"
+        )
+    return _distance_contrastive(
+        _triangle_score, "area", anchor, others, temperature, label_smoothing, gradient,
+        axis_name, impl, chunk_size,
+    )  # fmt: skip
+
+
+def _symile_score(rows, cols) -> Array:
+    """MIP tile: ``x_i . P_j`` on the diagonal (the true tuple), ``x_i . S_j`` off it."""
+    x, rid = rows
+    prod, shuffled, cid = cols
+    diag = rid[:, None] == cid[None, :]
+    return jnp.where(diag, _dot_score(x, prod), _dot_score(x, shuffled))
+
+
+def _all_rows(x: Array, axis_name: str | None) -> Array:
+    return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def symile_loss(
+    anchor: Float[Array, "B D"],
+    others: Sequence[Float[Array, "B D"]],
+    temperature: Float[Array, ""] | float,
+    key: PRNGKeyArray | None = None,
+    negative_sampling: Literal["n", "n_squared"] = "n",
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], Metrics]:
+    """Symile's loss (Saporta et al., NeurIPS 2024) over ``mods = [anchor, *others]`` (k >= 2).
+
+    ``MIP(x_1, ..., x_k) = sum_d prod_m x_{m,d}``. Each modality m is the anchor in turn; with
+    ``N_j`` a candidate tuple of the other modalities, ``L_m = mean_i CE(MIP(x_{m,i}, N_j) /
+    tau over j, positive N_i = the other modalities of item i)`` (one direction, no label
+    smoothing) and ``L = mean_m L_m``. Negatives, as the authors' ``Symile`` class:
+
+    - ``"n"``: for each anchor m and each other modality l an independent uniform permutation
+      ``pi_ml`` of the (global) batch; candidate j is ``(x_{l, pi_ml(j)})_l`` for ``j != i`` and
+      the true tuple for ``j = i`` (their ``compute_logits_n``: shuffled rows, positives written
+      on the diagonal), B - 1 negatives per row, fresh permutations from ``key`` every call.
+      The score of a pair is one GEMM against the candidate's elementwise product, so it runs on
+      every driver; under ``axis_name`` the others are all-gathered to apply the global
+      permutation (``O(B k D)`` per device even for the ring).
+    - ``"n_squared"``: every combination of the other modalities' rows, ``B^(k-1)`` candidates
+      per anchor, built by rolls as the package's ``compute_non_anchor_products``: block
+      ``s = (s_2, ...)`` holds ``x_1[j] * prod_l x_l[j - s_l]``, the first block (no shift) the
+      positives. Dense, single device only (small B).
+
+    ``temperature``: ``1 / logit_scale``. Returns ``(loss, metrics)``: ``loss``, ``temperature``,
+    ``mip/positive`` (mean positive MIP) and ``accuracy/<m>`` per anchor modality.
+    """
+    others = _as_list(others)
+    _check_square_batch(anchor, others)
+    check_temperature(temperature)
+    _check_choice("negative_sampling", negative_sampling, ("n", "n_squared"))
+    mods = [anchor, *others]
+    k, b = len(mods), anchor.shape[0]
+    g = _Global(b, axis_name)
+    if negative_sampling == "n":
+        if key is None:
+            raise ValueError("symile_loss with negative_sampling='n' needs a PRNG key (key=)")
+        keys = jax.random.split(key, k * (k - 1))
+        ids = g.ids.astype(anchor.dtype)  # exact below 2^24 items (float32)
+    elif axis_name is not None or chunk_size is not None:
+        raise ValueError(
+            "negative_sampling='n_squared' scores B^(k-1) candidates per anchor densely on one "
+            "device; use 'n' with axis_name / chunk_size"
+        )
+    losses, acc, pos = [], {}, []
+    for m in range(k):
+        rest = [x for n, x in enumerate(mods) if n != m]
+        if negative_sampling == "n":
+            perm = [jax.random.permutation(keys[m * (k - 1) + n], g.n) for n in range(k - 1)]
+            shuffled = _product(
+                [_all_rows(x, axis_name)[p[g.ids]] for x, p in zip(rest, perm, strict=True)]
+            )
+            row, _ = pair_stats(
+                _symile_score, (mods[m], ids), (_product(rest), shuffled, ids), 1.0 / temperature,
+                axis_name=axis_name, impl=impl, chunk_size=chunk_size, cols_stats=False,
+            )  # fmt: skip
+        else:
+            blocks = [rest[0]]
+            for x in rest[1:]:
+                blocks = [c * jnp.roll(x, s, axis=0) for c in blocks for s in range(b)]
+            row, _ = pair_stats(
+                _dot_score, mods[m], jnp.concatenate(blocks), 1.0 / temperature, cols_stats=False
+            )
+        losses.append(g.mean(row["lse"] - row["pos"]))
+        stats = _no_grad(row)
+        pos.append(g.mean(stats["pos"]))
+        acc[f"accuracy/{m}"] = g.accuracy(row)
+    loss = jnp.mean(jnp.stack(losses))
+    tau = _no_grad(jnp.asarray(temperature, jnp.float32))
+    metrics = {
+        "loss": loss,
+        "temperature": jnp.asarray(temperature, jnp.float32),
+        "mip/positive": tau * jnp.mean(jnp.stack(pos)),
+    }
+    return loss, metrics | acc
+
+
+def handover_weight(
+    step: Array | int | None, weight: float, weight_end: float, handover_steps: int
+) -> Array:
+    """``w(step) = w_end + (w0 - w_end) max(0, 1 - step / handover_steps)``: linear from
+    ``weight`` at step 0 to ``weight_end`` at ``handover_steps`` (constant ``weight`` when
+    ``handover_steps == 0``)."""
+    for name, w in (("infonce_weight", weight), ("infonce_weight_end", weight_end)):
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {w}")
+    if not (isinstance(handover_steps, int) and handover_steps >= 0):
+        raise ValueError(f"handover_steps must be an int >= 0, got {handover_steps!r}")
+    if handover_steps == 0:
+        return jnp.asarray(weight, jnp.float32)
+    if step is None:
+        raise ValueError("a handover schedule (handover_steps > 0) needs the training step (step=)")
+    frac = jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / handover_steps, 0.0, 1.0)
+    return weight_end + (weight - weight_end) * frac
+
+
+def gram_infonce_loss(
+    anchor: Float[Array, "B D"],
+    others: Sequence[Float[Array, "B D"]],
+    temperature: Float[Array, ""] | float,
+    step: Array | int | None = None,
+    infonce_weight: float = 1.0,
+    infonce_weight_end: float = 0.0,
+    handover_steps: int = 0,
+    label_smoothing: float = 0.1,
+    gradient: Literal["exact", "faithful"] = "exact",
+    axis_name: str | None = None,
+    impl: Impl = "all_gather",
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], Metrics]:
+    """GRAM with an anchored-InfoNCE term that hands over to it (issue 14, remedy (a)).
+
+        L = w(step) InfoNCE_anchored + (1 - w(step)) L_GRAM,   w: :func:`handover_weight`
+
+    InfoNCE gives a gradient at random initialisation (where the volume is flat) and fixes the
+    embeddings' signs (the volume is sign-free); GRAM takes over. Both terms use the same
+    temperature; GRAM's label smoothing applies to GRAM only. Metrics: the total, ``weight``,
+    ``loss/infonce``, ``loss/gram`` and GRAM's own metrics.
+    """
+    w = handover_weight(step, infonce_weight, infonce_weight_end, handover_steps)
+    kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
+    l_nce, _ = infonce_loss(anchor, others, temperature, **kw)
+    l_gram, m_gram = gram_contrastive_loss(
+        anchor, others, temperature, label_smoothing, gradient, **kw
+    )
+    loss = w * l_nce + (1.0 - w) * l_gram
+    metrics = m_gram | {"loss": loss, "weight": w, "loss/infonce": l_nce, "loss/gram": l_gram}
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry: what the trainer needs to know about each loss
 # ---------------------------------------------------------------------------------------------
 
@@ -646,7 +885,10 @@ class LossSpec:
       model: ``"gram"`` (one tower per modality, ``GramModel``) or ``"comm"`` (CoMM's fusion).
       two_views: needs two augmented views per example (``config.data.two_views``).
       impls: the sharded implementations it supports besides ``"gspmd"`` (which always works).
-      score: the retrieval score of its geometry (``"volume"``, ``"cosine"``) or None.
+      score: the retrieval score of its geometry (a name of :data:`gram_jax.scores.SCORES`:
+        ``"volume"``, ``"cosine"``, ``"simplex"``, ``"symile"``) or None.
+      inputs: what else the task passes: ``"key"`` (``key=``, the step's PRNG key) and / or
+        ``"step"`` (``step=``, the number of completed training steps).
     """
 
     fn: Callable[..., tuple[Array, Metrics]]
@@ -657,6 +899,7 @@ class LossSpec:
     two_views: bool = False
     impls: tuple[str, ...] = IMPLS
     score: str | None = "cosine"
+    inputs: tuple[str, ...] = ()
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -678,6 +921,10 @@ def register_loss(name: str, fn: Callable, **spec: Any) -> LossSpec:
         raise ValueError(f"model must be 'gram' or 'comm', got {s.model!r}")
     if s.model == "comm" and s.params is not None:
         raise ValueError("a 'comm'-model loss gets no learnable params (CoMMModel holds none)")
+    if bad := set(s.inputs) - {"key", "step"}:
+        raise ValueError(f"inputs {sorted(bad)} are not among ('key', 'step')")
+    if s.score is not None and s.score not in score_lib.SCORES:
+        raise ValueError(f"score must be None or one of {tuple(score_lib.SCORES)}, got {s.score!r}")
     if bad := set(s.impls) - set(IMPLS):
         raise ValueError(f"impls {sorted(bad)} are not among {IMPLS}")
     LOSSES[name] = s
@@ -705,3 +952,19 @@ _builtin("infonce", infonce_loss, args={"label_smoothing": "label_smoothing", "p
 _builtin("siglip", siglip_loss, params="scale_bias")
 _builtin("comm", comm_loss, args=_NTX_TAU, params=None, model="comm", two_views=True)
 _builtin("cross_self", cross_self_loss, args=_NTX_TAU, params=None, two_views=True)
+_GRAM_ARGS = {"label_smoothing": "label_smoothing", "gradient": "gradient"}
+_builtin("simplex", simplex_contrastive_loss, args=_GRAM_ARGS, score="simplex")
+_builtin("triangle", triangle_loss, args=_GRAM_ARGS, score="simplex")
+_builtin(
+    "symile", symile_loss, args={"negative_sampling": "symile_negatives"},
+    config_keys={"symile_negatives": "n"}, score="symile", inputs=("key",),
+)  # fmt: skip
+_builtin(
+    "gram+infonce", gram_infonce_loss,
+    args=_GRAM_ARGS | {
+        "infonce_weight": "infonce_weight", "infonce_weight_end": "infonce_weight_end",
+        "handover_steps": "handover_steps",
+    },
+    config_keys={"infonce_weight": 1.0, "infonce_weight_end": 0.0, "handover_steps": 200},
+    score="volume", inputs=("step",),
+)  # fmt: skip

@@ -22,16 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gram_jax.volume import (
-    _gemm,
-    anchor_residual,
-    candidate_gram,
-    gram_det_block,
-    safe_sqrt,
-    span_basis,
-    to_blocks,
-    validate_pairwise_inputs,
-)
+from gram_jax.scores import get_score
+from gram_jax.volume import to_blocks, validate_pairwise_inputs
 
 __all__ = [
     "Ties",
@@ -44,7 +36,7 @@ __all__ = [
 ]
 
 Ties = Literal["pessimistic", "optimistic"]
-ScoreKind = Literal["volume", "span_distance", "cosine"]
+ScoreKind = Literal["volume", "span_distance", "cosine", "simplex", "symile"]  # scores.SCORES
 RECALL_AT = (1, 5, 10)
 
 
@@ -111,21 +103,12 @@ def retrieval_metrics(
 
 
 def _lower_is_better(score: ScoreKind) -> bool:
-    if score in ("volume", "span_distance"):
-        return True
-    if score == "cosine":
-        return False
-    raise ValueError(f"score must be 'volume', 'span_distance' or 'cosine', got {score!r}")
+    return get_score(score).lower_is_better
 
 
 def _candidate_terms(score: ScoreKind, others: Sequence[Array]):
     """The per-candidate terms that ``score`` needs (computed once per candidate)."""
-    if score == "cosine":
-        return others[0]
-    if score == "span_distance":
-        return span_basis(*others)
-    cand = candidate_gram(*others)
-    return cand.basis, cand.det
+    return get_score(score).terms(list(others))
 
 
 def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
@@ -133,13 +116,9 @@ def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
 
     The one score kernel of both :func:`retrieval_scores` (one block) and
     :func:`chunked_retrieval`, so a pair (and a duplicated item) scores bit for bit alike in
-    both. The volume and span distance are those of :mod:`gram_jax.volume`.
+    both: the block function of the score table :data:`gram_jax.scores.SCORES`.
     """
-    if score == "cosine":
-        return _gemm(anchor, terms)
-    if score == "span_distance":
-        return safe_sqrt(anchor_residual(anchor, terms))
-    return safe_sqrt(gram_det_block(anchor, *terms))
+    return get_score(score).block(anchor, terms)
 
 
 def retrieval_scores(
@@ -175,7 +154,8 @@ def chunked_retrieval(
 
     Args:
       anchor, *others: the embedding tables; row i of each is item i.
-      score: ``"volume"``, ``"span_distance"`` or ``"cosine"`` (cosine uses ``others[0]``).
+      score: a name of :data:`gram_jax.scores.SCORES` (``"volume"``, ``"span_distance"``,
+        ``"cosine"`` (uses ``others[0]``), ``"simplex"``, ``"symile"``).
       direction: ``"anchor_to_rest"`` ranks candidates (others) for each anchor;
         ``"rest_to_anchor"`` ranks anchors for each candidate.
       chunk_size: block size.

@@ -316,3 +316,32 @@ def test_bad_keywords_raise():
         call("ring", 2)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         losses.infonce_loss(x[0], x[1], 0.1, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The n-modal family (issue 14): every driver equals dense, k = 3
+# ---------------------------------------------------------------------------------------------
+
+_NMODAL = {
+    "simplex": lambda lt, a, o, **kw: losses.simplex_contrastive_loss(a, o, jnp.exp(lt), **kw),
+    "triangle": lambda lt, a, o, **kw: losses.triangle_loss(a, o, jnp.exp(lt), **kw),
+    "symile": lambda lt, a, o, **kw: losses.symile_loss(
+        a, o, jnp.exp(lt), key=jax.random.key(3), **kw
+    ),
+    "gram+infonce": lambda lt, a, o, **kw: losses.gram_infonce_loss(
+        a, o, jnp.exp(lt), step=jnp.int32(40), handover_steps=100, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", ["chunked", "all_gather", "ring"])
+def test_nmodal_losses_every_impl_matches_dense(impl):
+    args = _gram_inputs(3)
+    mesh = _mesh(8)
+    for name, fn in _NMODAL.items():
+        ref = _dense(fn, args, (0, 1, 2))
+        if impl == "chunked":
+            got = jax.jit(lambda *a, fn=fn: _dense(fn, a, (0, 1, 2), chunk_size=5))(*args)
+        else:
+            got = _in_shard_map(fn, mesh, args, impl, (0, 1, 2))
+        _assert_close(got, ref, f"{name} {impl}")

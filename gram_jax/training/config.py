@@ -36,6 +36,7 @@ import ml_collections
 
 from gram_jax import losses
 from gram_jax import modalities as modality_lib
+from gram_jax import scores as score_lib
 from gram_jax.distributed import IMPLS
 
 __all__ = [
@@ -57,6 +58,7 @@ LOSS_IMPLS = ("gspmd", *IMPLS)
 RENAMED_KEYS = {"loss.comm_temperature": "loss.nt_xent_temperature"}
 SCHEDULES = ("cosine", "linear", "constant")
 PRESETS = ("tiny", "small", "base", "large")
+# Default eval scores; any name of the score table gram_jax.scores.SCORES is accepted.
 SCORES = ("volume", "span_distance", "cosine")
 
 
@@ -541,5 +543,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"fsdp={config.mesh.fsdp}"
         )
     for i, score in enumerate(config.eval.scores):
-        if score not in SCORES:
-            raise ConfigError(f"config.eval.scores[{i}]: {score!r} is not one of {SCORES}")
+        if score not in score_lib.SCORES:
+            known = tuple(score_lib.SCORES)
+            raise ConfigError(f"config.eval.scores[{i}]: {score!r} is not one of {known}")

@@ -177,6 +177,9 @@ def train_step(
     """
     step, params, rest = state["step"], state["params"], state["rest"]
     rng = jax.random.fold_in(state["rng"], step)
+    # The step as a per-row column, so microbatches and shards carry it like any other input
+    # (losses with a schedule read it: LossSpec.inputs); the model never reads it.
+    batch = dict(batch, step=jnp.full(jax.tree.leaves(batch)[0].shape[:1], step))
     if accum > 1:
         loss, metrics, new_rest, grads = grad_cache(
             task, graphdef, params, rest, batch, rng, accum=accum, mesh=mesh

@@ -166,6 +166,18 @@ def _loss_params(config: ml_collections.ConfigDict, model: nnx.Module) -> dict[s
     return {}
 
 
+def _loss_inputs(config: ml_collections.ConfigDict, batch: dict, rng) -> dict[str, jax.Array]:
+    """The step's PRNG key and / or step number, if the registered loss asks (``inputs``);
+    the step is the train step's per-example ``batch["step"]`` column (all equal)."""
+    inputs = losses.get_loss(config.loss.name).inputs
+    out = {"key": rng} if "key" in inputs else {}
+    if "step" in inputs:
+        if "step" not in batch:
+            raise ConfigError(f"loss {config.loss.name!r} needs the step: batch['step'] is missing")
+        out["step"] = batch["step"][0]
+    return out
+
+
 def _temperature(config: ml_collections.ConfigDict, model: GramModel) -> jax.Array:
     """The model's learnable temperature, or the constant ``model.temperature_init`` when
     ``model.learn_temperature`` is False."""
@@ -215,7 +227,12 @@ class GramTask(Task):
         z = emb["z"]
         anchor = z[model.anchor]
         others = [z[m] for m in model.others]
-        loss, metrics = self._fn(anchor, others, **_loss_params(self.config, model))
+        loss, metrics = self._fn(
+            anchor,
+            others,
+            **_loss_params(self.config, model),
+            **_loss_inputs(self.config, batch, rng),
+        )
         metrics = dict(metrics)
         w = self.config.loss.dam_weight
         if w > 0:

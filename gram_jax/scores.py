@@ -1,0 +1,100 @@
+"""Pair scores of an anchor against k - 1 candidate modalities: the one table.
+
+A score ``s(a_i, C_j)`` is split into per-candidate terms, computed once per candidate, and a
+block kernel that scores anchor rows against a block of candidates' terms. Retrieval
+(:mod:`gram_jax.metrics`, dense or chunked), the losses (:mod:`gram_jax.losses`, through the
+streaming engine, which recomputes the terms per tile) and ``config.eval.scores`` all read
+:data:`SCORES`, so a pair scores bit for bit alike everywhere.
+
+========== ===================================================== ============ ===============
+name       score                                                 better       terms
+========== ===================================================== ============ ===============
+volume     GRAM's parallelotope volume ``sqrt(det G_ij)``        lower        basis, det M_j
+span_dist  distance of ``a_i`` to span(C_j)                      lower        ridge basis
+cosine     ``a_i . c_j0`` (the first candidate modality only)    higher       c_0
+simplex    simplex (k-1)-volume ``sqrt(det E_ij) / (k-1)!``      lower        edge basis ...
+symile     Symile's MIP ``sum_d a_id prod_m c_jmd``              higher       prod_m c_m
+========== ===================================================== ============ ===============
+
+(``span_distance`` is the table's name of ``span_dist``.) The volumes are those of
+:mod:`gram_jax.volume`; :func:`register_score` adds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxtyping import Array, Float
+
+from gram_jax.volume import (
+    _gemm,
+    _product,
+    anchor_residual,
+    candidate_gram,
+    gram_det_block,
+    safe_sqrt,
+    simplex_candidate,
+    simplex_det_block,
+    span_basis,
+)
+
+__all__ = ["ScoreSpec", "SCORES", "register_score", "get_score", "pair_score"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """``terms(others) -> pytree`` (leading axis = candidate), ``block(anchor_rows, terms) ->
+    (R, C)`` scores, and the orientation ``lower_is_better``."""
+
+    terms: Callable[[Sequence[Array]], Any]
+    block: Callable[[Array, Any], Array]
+    lower_is_better: bool
+
+
+SCORES: dict[str, ScoreSpec] = {}
+
+
+def register_score(name: str, spec: ScoreSpec) -> ScoreSpec:
+    """Add a retrieval / loss score under ``name`` (an existing name is replaced)."""
+    SCORES[name] = spec
+    return spec
+
+
+def get_score(name: str) -> ScoreSpec:
+    """The :class:`ScoreSpec` of ``name`` (``ValueError`` naming the known ones)."""
+    if name not in SCORES:
+        raise ValueError(f"score must be one of {tuple(SCORES)}, got {name!r}")
+    return SCORES[name]
+
+
+def pair_score(name: str) -> Callable[[Array, Sequence[Array]], Array]:
+    """``(anchor rows (R, D), candidate rows: k - 1 arrays (C, D)) -> (R, C)``: the score as a
+    function of raw embeddings, for :func:`gram_jax.distributed.pair_stats`."""
+    spec = get_score(name)
+    return lambda a, others: spec.block(a, spec.terms(list(others)))
+
+
+def _volume_terms(others):
+    cand = candidate_gram(*others)
+    return cand.basis, cand.det
+
+
+def _simplex_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
+    basis, base, det = terms
+    norm = float(math.factorial(len(basis) + 1))  # (k-1)!, k - 1 = len(basis) + 1
+    return safe_sqrt(simplex_det_block(anchor, basis, base, det)) / norm
+
+
+register_score(
+    "volume", ScoreSpec(_volume_terms, lambda a, t: safe_sqrt(gram_det_block(a, *t)), True)
+)
+register_score(
+    "span_distance",
+    ScoreSpec(lambda o: span_basis(*o), lambda a, t: safe_sqrt(anchor_residual(a, t)), True),
+)
+register_score("cosine", ScoreSpec(lambda o: o[0], _gemm, False))
+register_score("simplex", ScoreSpec(lambda o: tuple(simplex_candidate(*o)), _simplex_block, True))
+register_score("symile", ScoreSpec(_product, _gemm, False))
