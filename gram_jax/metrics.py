@@ -10,6 +10,15 @@ strictly better candidates. (The authors sort with ``torch.sort``, whose tie ord
 device: their D->T numbers move by +-0.2 R@1 between rules on MSR-VTT.)
 
 ``R@k`` is the percentage of queries with rank <= k; ``MdR`` / ``MnR`` the median / mean rank.
+
+**Non-finite values never score as hits.** Called on concrete arrays, :func:`positive_ranks`,
+:func:`retrieval_metrics`, :func:`retrieval_scores` and :func:`chunked_retrieval` raise a
+``ValueError`` naming the table and the rows when an input holds NaN or inf. Where that cannot
+be checked (inside ``jit``) or a score overflows from finite inputs, one rule holds in the
+dense and the chunked path alike: a non-finite score is worse than every finite score. A
+query whose positive score is non-finite has the worst rank (every other candidate beats
+it, whatever ``ties``), and a non-finite competitor beats no finite positive (and is never
+in a top-k list ahead of a finite candidate).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_scores",
     "chunked_retrieval",
+    "check_finite_rows",
 ]
 
 Ties = Literal["pessimistic", "optimistic"]
@@ -53,34 +63,81 @@ def _check_ties(ties: str) -> None:
         raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
 
 
-def _count_beating(block: Array, positive: Array, lower_is_better: bool, ties: Ties) -> Array:
-    """Per row: how many entries of ``block`` (R, C) beat ``positive`` (R,)."""
+def _check_bool(name: str, x) -> None:
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+
+
+def _check_count(name: str, x) -> None:
+    """``x`` must be a Python / NumPy int >= 1 (not a bool, not a float)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= 1, got {type(x).__name__} {x!r}")
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1, got {x}")
+
+
+def _check_array(name: str, x) -> None:
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        raise TypeError(
+            f"{name} must be a NumPy or JAX array, got {type(x).__name__} "
+            f"(convert nested lists with np.asarray(x, np.float32))"
+        )
+
+
+def check_finite_rows(name: str, x) -> None:
+    """``ValueError`` naming ``name``, how many of its rows hold NaN or inf and the first
+    ones, when ``x`` (N, ...) is concrete (under ``jit`` nothing can be raised; the ranking
+    rule of the module docstring applies)."""
+    if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        return
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+        raise ValueError(
+            f"{name}: NaN or infinite values in {rows.size} of {bad.shape[0]} rows "
+            f"(first rows: {', '.join(map(str, rows[:5]))})"
+        )
+
+
+def _count_beating(
+    block: Array, positive: Array, lower_is_better: bool, ties: Ties, valid: Array
+) -> Array:
+    """Per row: how many entries of ``block`` (R, C) where ``valid`` beat ``positive`` (R,).
+
+    A non-finite positive is beaten by every valid entry; a non-finite entry beats no finite
+    positive (module docstring).
+    """
     p = positive[:, None]
     if lower_is_better:
         beats = block <= p if ties == "pessimistic" else block < p
     else:
         beats = block >= p if ties == "pessimistic" else block > p
-    return jnp.sum(beats, axis=1)
+    beats = jnp.where(jnp.isfinite(p), beats & jnp.isfinite(block), True)
+    return jnp.sum(beats & valid, axis=1)
 
 
 def positive_ranks(
     scores: Float[Array, "Q C"], lower_is_better: bool, ties: Ties = "pessimistic"
 ) -> Int[Array, " Q"]:
-    """1-based rank of candidate i among row i of ``scores`` (Q <= C), tie rule as documented."""
+    """1-based rank of candidate i among row i of ``scores`` (Q <= C), tie rule as documented.
+
+    Concrete scores with NaN / inf raise; under ``jit`` a non-finite score is a miss (module
+    docstring).
+    """
     _check_ties(ties)
+    _check_bool("lower_is_better", lower_is_better)
+    _check_array("scores", scores)
     scores = jnp.asarray(scores)
     if scores.ndim != 2 or scores.shape[0] > scores.shape[1] or scores.shape[0] == 0:
         raise ValueError(
             f"scores must be (Q, C) with 1 <= Q <= C (query i's positive is column i), "
             f"got shape {scores.shape}"
         )
-    if jnp.issubdtype(scores.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(scores))):
-        raise ValueError("scores contain NaN or infinite values")
-    q = scores.shape[0]
+    check_finite_rows("scores", scores)
+    q, c = scores.shape
     pos = scores[jnp.arange(q), jnp.arange(q)]
-    n = _count_beating(scores, pos, lower_is_better, ties)
-    # The positive itself always satisfies "<=": it is rank 1 + (others that beat it).
-    return n + (1 if ties == "optimistic" else 0)
+    others = jnp.arange(c)[None, :] != jnp.arange(q)[:, None]
+    return _count_beating(scores, pos, lower_is_better, ties, others) + 1
 
 
 def metrics_from_ranks(ranks) -> dict[str, float]:
@@ -142,6 +199,16 @@ def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
     return safe_sqrt(gram_det_block(anchor, *terms))
 
 
+def _check_tables(anchor, others) -> None:
+    _check_array("anchor", anchor)
+    for m, x in enumerate(others):
+        _check_array(f"others[{m}]", x)
+    validate_pairwise_inputs(anchor, others)
+    check_finite_rows("anchor", anchor)
+    for m, x in enumerate(others):
+        check_finite_rows(f"others[{m}]", x)
+
+
 def retrieval_scores(
     anchor: Float[Array, "B1 D"], *others: Float[Array, "B2 D"], score: ScoreKind = "volume"
 ) -> Float[Array, "B1 B2"]:
@@ -151,7 +218,7 @@ def retrieval_scores(
     :func:`~gram_jax.volume.span_distance` (lower is better); ``cosine``: anchor .
     ``others[0]`` (higher is better; the other modalities are ignored).
     """
-    validate_pairwise_inputs(anchor, others)
+    _check_tables(anchor, others)
     _lower_is_better(score)
     return _block_scores(score, anchor, _candidate_terms(score, others))
 
@@ -178,22 +245,25 @@ def chunked_retrieval(
       score: ``"volume"``, ``"span_distance"`` or ``"cosine"`` (cosine uses ``others[0]``).
       direction: ``"anchor_to_rest"`` ranks candidates (others) for each anchor;
         ``"rest_to_anchor"`` ranks anchors for each candidate.
-      chunk_size: block size.
-      top_k: how many best candidates to return per query.
+      chunk_size: block size (an int >= 1; clamped to N).
+      top_k: how many best candidates to return per query (an int >= 1; clamped to N).
+      ties: the tie rule (module docstring).
 
     Returns:
       ``(ranks, topk_indices)``: (N,) 1-based ranks, (N, top_k) candidate indices, best first.
     """
-    validate_pairwise_inputs(anchor, others)
+    _check_tables(anchor, others)
     _check_ties(ties)
+    _check_count("chunk_size", chunk_size)
+    _check_count("top_k", top_k)
     lower = _lower_is_better(score)
     n = anchor.shape[0]
     if others[0].shape[0] != n:
         raise ValueError(f"anchor has {n} rows but the candidates have {others[0].shape[0]}")
     if direction not in ("anchor_to_rest", "rest_to_anchor"):
         raise ValueError(f"direction must be 'anchor_to_rest' or 'rest_to_anchor': {direction!r}")
-    chunk = max(1, min(chunk_size, n))
-    top_k = min(top_k, n)
+    chunk = int(min(chunk_size, n))
+    top_k = int(min(top_k, n))
     worst = jnp.inf if lower else -jnp.inf
 
     # Padding rows are zero vectors (a zero candidate has zero basis vectors and det 0) and are
@@ -217,12 +287,14 @@ def chunked_retrieval(
         def step(carry, ki):
             count, best_s, best_i = carry
             s = block(qi, ki) if direction == "anchor_to_rest" else block(ki, qi)
-            s = jnp.where(v_blocks[ki][None, :], s, worst)
+            real = v_blocks[ki][None, :]
             idx = ki * chunk + jnp.arange(chunk)
             # The positive is left out of the count explicitly: XLA may fuse the diagonal block
             # differently from this one, so its score can differ in the last bit.
             is_self = idx[None, :] == (qi * chunk + jnp.arange(chunk))[:, None]
-            count = count + _count_beating(jnp.where(is_self, worst, s), positive, lower, ties)
+            count = count + _count_beating(s, positive, lower, ties, real & ~is_self)
+            # Padding and non-finite scores go to the end of the top-k lists.
+            s = jnp.where(real & jnp.isfinite(s), s, worst)
             all_s = jnp.concatenate([best_s, s], axis=1)
             all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
             _, sel = jax.lax.top_k(-all_s if lower else all_s, top_k)

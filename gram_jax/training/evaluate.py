@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gram_jax.data import make_iterator
-from gram_jax.metrics import chunked_retrieval, metrics_from_ranks
+from gram_jax.metrics import check_finite_rows, chunked_retrieval, metrics_from_ranks
 from gram_jax.models import l2_normalize
 
 __all__ = ["collect", "retrieval_report", "linear_probe", "balanced_accuracy", "roc_auc"]
@@ -64,13 +64,15 @@ def collect(
     modalities: dict[str, str],
     max_examples: int = 0,
     label_keys: tuple[str, ...] = (),
+    split: str = "eval",
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """Run ``fn`` (jitted, batch -> pytree of (B, ...) arrays) over a whole split, in order.
 
     Every process reads the whole split (evaluation sets are small); the last batch is padded
     to ``batch_size`` so one compiled shape serves all batches. Returns the concatenated
     outputs (NumPy) and the requested ``label/<name>`` arrays, truncated to
-    ``max_examples`` (0 = all).
+    ``max_examples`` (0 = all). Non-finite outputs raise (:func:`check_finite`, naming
+    ``split``): a NaN embedding must not be scored.
     """
     n = len(source) if max_examples <= 0 else min(max_examples, len(source))
     it = make_iterator(
@@ -98,7 +100,18 @@ def collect(
         if seen >= n:
             break
     cat = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outs)
+    check_finite(cat, split)
     return cat, {k: np.concatenate(v)[:n] for k, v in labels.items()}
+
+
+def check_finite(outputs, split: str) -> None:
+    """Raise ``ValueError`` naming the split, the modality (output key) and the row count
+    when any row of ``outputs`` (a ``{name: (N, ...)}`` dict or one (N, ...) array) holds NaN
+    or inf. Retrieval would otherwise score them (NaN compares false: a NaN query would beat
+    nothing and rank first)."""
+    named = outputs.items() if isinstance(outputs, dict) else [("features", outputs)]
+    for name, x in named:
+        check_finite_rows(f"evaluation on the {split!r} split: the {name!r} embeddings", x)
 
 
 @functools.partial(jax.jit, static_argnames=("score", "direction", "chunk"))
@@ -116,8 +129,13 @@ def retrieval_report(
     scores: tuple[str, ...],
     fused_key: str | None = None,
     chunk: int = 512,
+    split: str = "eval",
 ) -> dict[str, float]:
-    """Flat retrieval metrics (module docstring) from ``{modality: (N, D)}`` unit embeddings."""
+    """Flat retrieval metrics (module docstring) from ``{modality: (N, D)}`` unit embeddings.
+
+    Non-finite embeddings raise (:func:`check_finite`) before anything is scored.
+    """
+    check_finite(emb, split)
     a = jnp.asarray(emb[anchor], jnp.float32)
     xs = [jnp.asarray(emb[m], jnp.float32) for m in others]
     n = a.shape[0]
