@@ -23,6 +23,7 @@ in a top-k list ahead of a finite candidate).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -33,9 +34,11 @@ from jaxtyping import Array, Float, Int
 
 from gram_jax.volume import (
     _gemm,
+    _product,
     anchor_residual,
     candidate_gram,
     gram_det_block,
+    pow2_rows,
     safe_sqrt,
     span_basis,
     to_blocks,
@@ -100,9 +103,10 @@ def check_finite_rows(name: str, x) -> None:
 
 
 def _count_beating(
-    block: Array, positive: Array, lower_is_better: bool, ties: Ties, valid: Array
+    block: Array, positive: Array, lower_is_better: bool, ties: Ties, valid: Array, weight=1
 ) -> Array:
-    """Per row: how many entries of ``block`` (R, C) where ``valid`` beat ``positive`` (R,).
+    """Per row: how many entries of ``block`` (R, C) where ``valid`` beat ``positive`` (R,),
+    each counted ``weight`` (broadcast to (R, C)) times.
 
     A non-finite positive is beaten by every valid entry; a non-finite entry beats no finite
     positive (module docstring).
@@ -113,7 +117,7 @@ def _count_beating(
     else:
         beats = block >= p if ties == "pessimistic" else block > p
     beats = jnp.where(jnp.isfinite(p), beats & jnp.isfinite(block), True)
-    return jnp.sum(beats & valid, axis=1)
+    return jnp.sum(jnp.where(beats & valid, weight, 0), axis=1)
 
 
 def positive_ranks(
@@ -181,8 +185,9 @@ def _candidate_terms(score: ScoreKind, others: Sequence[Array]):
         return others[0]
     if score == "span_distance":
         return span_basis(*others)
-    cand = candidate_gram(*others)
-    return cand.basis, cand.det
+    scaled, factors = zip(*(pow2_rows(x) for x in others), strict=True)
+    cand = candidate_gram(*scaled)
+    return cand.basis, cand.det, _product(factors)
 
 
 def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
@@ -190,13 +195,16 @@ def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
 
     The one score kernel of both :func:`retrieval_scores` (one block) and
     :func:`chunked_retrieval`, so a pair (and a duplicated item) scores bit for bit alike in
-    both. The volume and span distance are those of :mod:`gram_jax.volume`.
+    both. The volume and span distance are those of :mod:`gram_jax.volume` (the volume on
+    :func:`~gram_jax.volume.pow2_rows`-scaled rows, so huge inputs do not overflow).
     """
     if score == "cosine":
         return _gemm(anchor, terms)
     if score == "span_distance":
         return safe_sqrt(anchor_residual(anchor, terms))
-    return safe_sqrt(gram_det_block(anchor, *terms))
+    basis, det, fc = terms
+    anchor, fa = pow2_rows(anchor)
+    return safe_sqrt(gram_det_block(anchor, basis, det)) * fa[:, None] * fc[None, :]
 
 
 def _check_tables(anchor, others) -> None:
@@ -209,6 +217,20 @@ def _check_tables(anchor, others) -> None:
         check_finite_rows(f"others[{m}]", x)
 
 
+def _distinct_rows(x) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, inverse)``: index of each distinct row's first occurrence, and per row the
+    number of its distinct row (``x[first][inverse] == x``, bit for bit). Distinct rows are
+    compared as bytes, so only identical rows merge."""
+    x = np.ascontiguousarray(np.asarray(x).reshape(len(x), -1))
+    keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
 def retrieval_scores(
     anchor: Float[Array, "B1 D"], *others: Float[Array, "B2 D"], score: ScoreKind = "volume"
 ) -> Float[Array, "B1 B2"]:
@@ -217,9 +239,20 @@ def retrieval_scores(
     ``volume``: :func:`~gram_jax.volume.pairwise_volume` (lower is better); ``span_distance``:
     :func:`~gram_jax.volume.span_distance` (lower is better); ``cosine``: anchor .
     ``others[0]`` (higher is better; the other modalities are ignored).
+
+    **Duplicates score bit for bit alike.** A GEMM's rounding of one output can depend on its
+    position in the kernel's tiles, so identical rows at different positions could differ in
+    the last bit and a tie rule would count them differently. On concrete inputs the scores
+    are computed once per distinct anchor row and distinct candidate tuple and gathered.
+    Under ``jit`` (tracers: no ``np.unique``) every row is scored where it stands.
     """
     _check_tables(anchor, others)
     _lower_is_better(score)
+    if _concrete(anchor, others):
+        fa, ia = _distinct_rows(anchor)
+        fc, ic = _distinct_rows(np.concatenate([np.asarray(x) for x in others], axis=1))
+        s = _block_scores(score, anchor[fa], _candidate_terms(score, [x[fc] for x in others]))
+        return s[ia][:, ic]
     return _block_scores(score, anchor, _candidate_terms(score, others))
 
 
@@ -236,9 +269,14 @@ def chunked_retrieval(
 
     Scores are evaluated in (chunk, chunk) blocks; per query, a running count of candidates
     that beat the positive gives its exact rank, and a running ``top_k`` merge gives its best
-    candidates. Memory is O(chunk^2 + N top_k), so 100k x 100k tables fit. Every block has the
-    same shape (the tables are padded), so the positive's score is computed by the same kernel
-    as its competitors and ties are decided consistently.
+    candidates. Memory is O(chunk^2 + N top_k), so 100k x 100k tables fit.
+
+    **Duplicates.** On concrete inputs the blocks run over distinct anchor rows and distinct
+    candidate tuples only (as :func:`retrieval_scores`): a competitor that is a copy of the
+    query's own positive is not scored again but counted as the exact tie it is (weight =
+    its number of copies), and every other competitor is scored once, so copies are counted
+    alike by both tie rules whatever their positions. Under ``jit`` every row is its own
+    distinct row (each item is scored where it stands).
 
     Args:
       anchor, *others: the embedding tables; row i of each is item i.
@@ -250,51 +288,102 @@ def chunked_retrieval(
       ties: the tie rule (module docstring).
 
     Returns:
-      ``(ranks, topk_indices)``: (N,) 1-based ranks, (N, top_k) candidate indices, best first.
+      ``(ranks, topk_indices)``: (N,) 1-based ranks, (N, top_k) candidate indices, best first
+      (copies of one candidate in ascending order).
     """
     _check_tables(anchor, others)
     _check_ties(ties)
     _check_count("chunk_size", chunk_size)
     _check_count("top_k", top_k)
-    lower = _lower_is_better(score)
+    _lower_is_better(score)
     n = anchor.shape[0]
     if others[0].shape[0] != n:
         raise ValueError(f"anchor has {n} rows but the candidates have {others[0].shape[0]}")
     if direction not in ("anchor_to_rest", "rest_to_anchor"):
         raise ValueError(f"direction must be 'anchor_to_rest' or 'rest_to_anchor': {direction!r}")
-    chunk = int(min(chunk_size, n))
     top_k = int(min(top_k, n))
+    if not _concrete(anchor, others):
+        ident = jnp.arange(n)
+        return _ranks_of_distinct(
+            anchor,
+            list(others),
+            ident,
+            ident,
+            jnp.ones(n, jnp.int32),
+            score=score,
+            direction=direction,
+            chunk=int(min(chunk_size, n)),
+            top_k=top_k,
+            ties=ties,
+        )
+    fa, ia = _distinct_rows(anchor)
+    fc, ic = _distinct_rows(np.concatenate([np.asarray(x) for x in others], axis=1))
+    fp, ip = _distinct_rows(np.stack([ia, ic], axis=1))  # distinct (anchor, candidate) items
+    comp = ic if direction == "anchor_to_rest" else ia  # the competitors' distinct ids
+    weights = np.bincount(comp)
+    ranks, top = _ranks_of_distinct(
+        jnp.asarray(anchor)[fa],
+        [jnp.asarray(x)[fc] for x in others],
+        jnp.asarray(ia[fp]),
+        jnp.asarray(ic[fp]),
+        jnp.asarray(weights, jnp.int32),
+        score=score,
+        direction=direction,
+        chunk=int(min(chunk_size, len(weights), len(fp))),
+        top_k=int(min(top_k, len(weights))),
+        ties=ties,
+    )
+    # Expand the distinct competitors of each list into their items, ascending per copy set.
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(weights)[:-1]])
+    top = np.asarray(top)  # (P, t)
+    offs = np.arange(top_k)
+    slot = starts[top][:, :, None] + offs  # (P, t, top_k) candidate positions in `order`
+    ok = offs < weights[top][:, :, None]
+    items = np.where(ok, order[np.minimum(slot, n - 1)], -1).reshape(len(top), -1)
+    keep = np.argsort(~ok.reshape(len(top), -1), axis=1, kind="stable")[:, :top_k]
+    items = np.take_along_axis(items, keep, axis=1)
+    return jnp.asarray(np.asarray(ranks)[ip]), jnp.asarray(items[ip].astype(np.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("score", "direction", "chunk", "top_k", "ties"))
+def _ranks_of_distinct(anchor, others, q_a, q_c, weights, *, score, direction, chunk, top_k, ties):
+    """Ranks and top-k over distinct rows: queries are (anchor id, candidate id) pairs
+    ``(q_a, q_c)``; competitors the distinct candidates (``anchor_to_rest``) or anchors
+    (``rest_to_anchor``), each standing for ``weights`` items. The competitor that is the
+    query's own id ties exactly with the positive: it is left out of the comparisons and its
+    ``weight - 1`` copies counted by the tie rule."""
+    lower = _lower_is_better(score)
     worst = jnp.inf if lower else -jnp.inf
+    terms = _candidate_terms(score, others)
+    n_q = q_a.shape[0]
+    comps = terms if direction == "anchor_to_rest" else anchor
+    n_c = weights.shape[0]
+    q_blocks, n_qb = to_blocks((anchor[q_a], jax.tree.map(lambda t: t[q_c], terms)), chunk)
+    own = q_c if direction == "anchor_to_rest" else q_a
+    own_blocks, _ = to_blocks(own, chunk)
+    c_blocks, n_cb = to_blocks(comps, chunk)
+    w_blocks, _ = to_blocks(weights, chunk)  # padding: weight 0
 
-    # Padding rows are zero vectors (a zero candidate has zero basis vectors and det 0) and are
-    # masked out of every count below.
-    a_blocks, n_chunks = to_blocks(anchor, chunk)
-    c_blocks, _ = to_blocks(_candidate_terms(score, others), chunk)
-    v_blocks, _ = to_blocks(jnp.ones(n, bool), chunk)
-
-    def block(ai, ci):
-        """Scores oriented as (queries, candidates) for anchor block ai x candidate block ci."""
-        s = _block_scores(score, a_blocks[ai], jax.tree.map(lambda t: t[ci], c_blocks))
-        if direction == "rest_to_anchor":
-            s = s.T
-        return s
-
-    def query_pass(qi):
-        # Queries are anchor block qi (anchor_to_rest) or candidate block qi (rest_to_anchor).
-        diag = block(qi, qi)
-        positive = jnp.diagonal(diag)
+    def query_pass(qb):
+        (q_anchor, q_terms), own_id = qb
+        positive = jnp.diagonal(_block_scores(score, q_anchor, q_terms))
+        # The positive's other copies tie with it exactly (same distinct row): counted by rule.
+        same = jnp.where(jnp.isfinite(positive), ties == "pessimistic", True)
+        copies = jnp.take(weights, own_id, mode="clip") - 1
 
         def step(carry, ki):
             count, best_s, best_i = carry
-            s = block(qi, ki) if direction == "anchor_to_rest" else block(ki, qi)
-            real = v_blocks[ki][None, :]
+            cb = jax.tree.map(lambda t: t[ki], c_blocks)
+            if direction == "anchor_to_rest":
+                s = _block_scores(score, q_anchor, cb)
+            else:
+                s = _block_scores(score, cb, q_terms).T
             idx = ki * chunk + jnp.arange(chunk)
-            # The positive is left out of the count explicitly: XLA may fuse the diagonal block
-            # differently from this one, so its score can differ in the last bit.
-            is_self = idx[None, :] == (qi * chunk + jnp.arange(chunk))[:, None]
-            count = count + _count_beating(s, positive, lower, ties, real & ~is_self)
-            # Padding and non-finite scores go to the end of the top-k lists.
-            s = jnp.where(real & jnp.isfinite(s), s, worst)
+            w = w_blocks[ki][None, :]
+            valid = (w > 0) & (idx[None, :] != own_id[:, None])
+            count = count + _count_beating(s, positive, lower, ties, valid, w)
+            s = jnp.where((w > 0) & jnp.isfinite(s), s, worst)
             all_s = jnp.concatenate([best_s, s], axis=1)
             all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
             _, sel = jax.lax.top_k(-all_s if lower else all_s, top_k)
@@ -307,8 +396,9 @@ def chunked_retrieval(
             jnp.full((chunk, top_k), worst, positive.dtype),
             jnp.zeros((chunk, top_k), jnp.int32),
         )
-        (count, _, best_i), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
-        return count + 1, best_i
+        (count, _, best_i), _ = jax.lax.scan(step, init, jnp.arange(n_cb))
+        return count + jnp.where(same, copies, 0) + 1, best_i
 
-    ranks, top = jax.lax.map(query_pass, jnp.arange(n_chunks))
-    return ranks.reshape(-1)[:n], top.reshape(-1, top_k)[:n]
+    del n_c, n_qb
+    ranks, top = jax.lax.map(query_pass, (q_blocks, own_blocks))
+    return ranks.reshape(-1)[:n_q], top.reshape(-1, top_k)[:n_q]

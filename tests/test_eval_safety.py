@@ -9,7 +9,7 @@ from gram_jax.data.embeddings import split_rows
 from gram_jax.training.config import load_config
 
 # Two "modalities" of one latent vector, GRAM heads on them (configs/gram_embeddings.py, small).
-CONFIG = '''
+CONFIG = """
 from gram_jax.training.config import base_config, modality
 
 
@@ -36,7 +36,7 @@ def get_config():
     c.eval.batch_size = 16
     c.eval.scores = ("volume", "cosine")
     return c
-'''
+"""
 
 
 def test_nan_text_rows_in_the_test_split_are_an_error_not_a_perfect_score(tmp_path):
