@@ -35,6 +35,7 @@ from gram_jax.volume import (
     anchor_residual,
     candidate_gram,
     gram_det_block,
+    pow2_rows,
     safe_sqrt,
     simplex_candidate,
     simplex_det_block,
@@ -78,8 +79,17 @@ def pair_score(name: str) -> Callable[[Array, Sequence[Array]], Array]:
 
 
 def _volume_terms(others):
-    cand = candidate_gram(*others)
-    return cand.basis, cand.det
+    # Volumes are homogeneous in each vector: score power-of-two-scaled rows and scale back, so
+    # huge inputs do not overflow the squared determinant (factor exactly 1 for ordinary rows).
+    scaled, factors = zip(*(pow2_rows(x) for x in others), strict=True)
+    cand = candidate_gram(*scaled)
+    return cand.basis, cand.det, _product(factors)
+
+
+def _volume_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
+    basis, det, fc = terms
+    anchor, fa = pow2_rows(anchor)
+    return safe_sqrt(gram_det_block(anchor, basis, det)) * fa[:, None] * fc[None, :]
 
 
 def _simplex_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
@@ -88,9 +98,7 @@ def _simplex_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
     return safe_sqrt(simplex_det_block(anchor, basis, base, det)) / norm
 
 
-register_score(
-    "volume", ScoreSpec(_volume_terms, lambda a, t: safe_sqrt(gram_det_block(a, *t)), True)
-)
+register_score("volume", ScoreSpec(_volume_terms, _volume_block, True))
 register_score(
     "span_distance",
     ScoreSpec(lambda o: span_basis(*o), lambda a, t: safe_sqrt(anchor_residual(a, t)), True),

@@ -85,6 +85,7 @@ __all__ = [
     "masked_pairwise_volume",
     "to_blocks",
     "safe_sqrt",
+    "pow2_rows",
     "validate_pairwise_inputs",
     "SimplexCandidate",
     "simplex_candidate",
@@ -275,6 +276,32 @@ def _orthogonalise(
     return qs, pivots
 
 
+_SCALE_ABOVE = 2.0**20
+
+
+def pow2_rows(x: Float[Array, "*batch D"], present=None) -> tuple[Array, Array]:
+    """``(x * 2^-e, 2^e)`` per row, the power of two ``e`` bringing a huge row into range.
+
+    Volumes are homogeneous in each vector (``vol(s a, C) = |s| vol(a, C)``) and scaling by a
+    power of two is exact in binary floating point, so a volume of scaled rows times the
+    factors is the volume of the rows, without overflowing the squared Gram determinant
+    (``|x|^(2k)``: float32 ``det`` overflows from norms ~3e6 at k = 3). ``e = 0`` (factor
+    exactly 1, so values and gradients are bit for bit those of the unscaled rows) unless the
+    row's largest ``|entry|`` exceeds ``2^20``; then ``e`` is its binary exponent (capped at
+    126 so that ``2^-e`` is a normal number). ``present`` (False = absent row): factor 1.
+    The factors are constants for differentiation (piecewise constant in ``x``).
+    """
+    m = jnp.max(jnp.abs(x), axis=-1)
+    _, e = jnp.frexp(m)
+    big = m > _SCALE_ABOVE
+    if present is not None:
+        big = big & present
+    e = jnp.minimum(jnp.where(big, e, 0), 126)
+    one = jnp.ones_like(m)
+    f = jax.lax.stop_gradient(jnp.ldexp(one, e))
+    return x * jax.lax.stop_gradient(jnp.ldexp(one, -e))[..., None], f
+
+
 def _product(xs: Sequence[Array]) -> Array:
     out = xs[0]
     for x in xs[1:]:
@@ -311,11 +338,11 @@ def gram_volume(
     """
     _validate_vectors(vectors)
     _check_gradient_mode(gradient)
-    vectors = jnp.broadcast_arrays(*vectors)
+    vectors, factors = zip(*(pow2_rows(v) for v in jnp.broadcast_arrays(*vectors)), strict=True)
     ordered = [*vectors[1:], vectors[0]]
     _, pivots = _orthogonalise(ordered, [None] * len(ordered), ridge=0.0)
-    det = _product(pivots)
-    return det if squared else _sqrt(det, gradient)
+    det, f = _product(pivots), _product(factors)
+    return det * f * f if squared else _sqrt(det, gradient) * f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +476,23 @@ def _pairwise_blocks(block_fn, anchor, present_anchor, cols, chunk_size):
     return _chunked_map(rows_block, (anchor, present_anchor), row_chunk, axis_out=0)
 
 
+def _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others):
+    """``(det_s, fa, fc)`` with ``det G = det_s (fa fc)^2``: :func:`pairwise_gram_det` of the
+    :func:`pow2_rows`-scaled vectors and the (B1, 1) / (1, B2) factors."""
+    validate_pairwise_inputs(anchor, others)
+    pa = _check_present("present_anchor", present_anchor, anchor.shape[0])
+    present = _check_present_others(present_others, others)
+    anchor, fa = pow2_rows(anchor, pa)
+    scaled = [pow2_rows(x, p) for x, p in zip(others, present, strict=True)]
+    cand = candidate_gram(*[x for x, _ in scaled], present_others=present_others)
+
+    def block(a_rows, p_rows, cols):
+        return gram_det_block(a_rows, *cols, p_rows)
+
+    det = _pairwise_blocks(block, anchor, pa, (cand.basis, cand.det), chunk_size)
+    return det, fa[:, None], _product([f for _, f in scaled])[None, :]
+
+
 def pairwise_gram_det(
     anchor: Float[Array, "B1 D"],
     *others: Float[Array, "B2 D"],
@@ -476,14 +520,8 @@ def pairwise_gram_det(
     Returns:
       (B1, B2) determinants (>= 0 up to rounding).
     """
-    validate_pairwise_inputs(anchor, others)
-    pa = _check_present("present_anchor", present_anchor, anchor.shape[0])
-    cand = candidate_gram(*others, present_others=present_others)
-
-    def block(a_rows, p_rows, cols):
-        return gram_det_block(a_rows, *cols, p_rows)
-
-    return _pairwise_blocks(block, anchor, pa, (cand.basis, cand.det), chunk_size)
+    det, fa, fc = _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others)
+    return det * fa * fc * fa * fc
 
 
 def pairwise_volume(
@@ -512,14 +550,9 @@ def pairwise_volume(
         the volume is then the volume spanned by the pair's present vectors only.
     """
     _check_gradient_mode(gradient)
-    det = pairwise_gram_det(
-        anchor,
-        *others,
-        chunk_size=chunk_size,
-        present_anchor=present_anchor,
-        present_others=present_others,
-    )
-    return det if squared else _sqrt(det, gradient)
+    det, fa, fc = _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others)
+    # The square root before the factors: the volume is representable long after det G is not.
+    return det * fa * fc * fa * fc if squared else _sqrt(det, gradient) * fa * fc
 
 
 def masked_pairwise_volume(

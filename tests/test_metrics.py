@@ -208,3 +208,105 @@ def test_retrieval_scores_are_jittable():
         eager = np.asarray(retrieval_scores(t, v, a, score=score))
         jitted = jax.jit(lambda *x, sc=score: retrieval_scores(*x, score=sc))(t, v, a)
         np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "chunks"), [(21, (3, 4, 7)), (37, (4, 7))])
+def test_duplicates_on_block_edges_score_bitwise_alike(n, chunks):
+    """Identical items at positions on different block edges (first / last row of a block,
+    the padded last block) must get bit-identical scores, so both tie rules count them alike
+    in the dense and every chunked evaluation."""
+    rng = np.random.default_rng(3)
+    t, v, a = (unit_rows(rng, n, 8) for _ in range(3))
+    copies = [0, 3, 6, 7, 13, n - 1]  # block starts and ends for chunk 3, 4 and 7
+    for dst in copies[1:]:
+        t[dst], v[dst], a[dst] = t[0], v[0], a[0]
+    s = np.asarray(retrieval_scores(t, v, a))
+    for i in copies:  # row i against every copy j, and the copies' columns against row i
+        assert len({s[i, j].tobytes() for j in copies}) == 1
+        np.testing.assert_array_equal(s[copies[0]], s[i])
+        np.testing.assert_array_equal(s[:, copies[0]], s[:, i])
+    for ties in ("pessimistic", "optimistic"):
+        for direction in ("anchor_to_rest", "rest_to_anchor"):
+            dense = np.asarray(
+                positive_ranks(s if direction == "anchor_to_rest" else s.T, True, ties)
+            )
+            assert len(set(dense[copies])) == 1  # the copies rank alike
+            for chunk in chunks:
+                got, _ = chunked_retrieval(
+                    t, v, a, direction=direction, chunk_size=chunk, top_k=2, ties=ties
+                )
+                np.testing.assert_array_equal(
+                    np.asarray(got), dense, err_msg=f"{direction} {chunk}"
+                )
+
+
+def test_non_finite_scores_rank_as_misses_in_dense_and_chunked():
+    """Under jit nothing can raise: a NaN positive ranks last, a NaN competitor beats nothing,
+    padding never counts, in both paths (module docstring of gram_jax.metrics)."""
+    rng = np.random.default_rng(4)
+    t, v = unit_rows(rng, 6, 4), unit_rows(rng, 6, 4)
+    t[2] = np.nan  # an all-NaN anchor: every score of row 2 is NaN
+    chunked = jax.jit(
+        lambda t, v, d, ties: chunked_retrieval(
+            t, v, score="cosine", direction=d, chunk_size=4, top_k=3, ties=ties
+        ),
+        static_argnums=(2, 3),
+    )
+    dense = jax.jit(
+        lambda s, ties: positive_ranks(s, lower_is_better=False, ties=ties), static_argnums=1
+    )
+    s = t @ v.T  # cosine scores of anchor i and candidate j: row 2 is NaN
+    for ties in ("pessimistic", "optimistic"):
+        for direction, scores in (("anchor_to_rest", s), ("rest_to_anchor", s.T)):
+            ranks, top = chunked(t, v, direction, ties)
+            ranks = np.asarray(ranks)
+            assert ranks[2] == 6  # the worst possible rank, never a hit
+            assert np.all(ranks <= 6)  # the padding of the last block is not counted
+            if direction == "rest_to_anchor":  # the NaN anchor is nobody's best anchor
+                assert not np.any(np.asarray(top)[:, 0] == 2)
+            np.testing.assert_array_equal(np.asarray(dense(scores, ties)), ranks)
+    # Concrete inputs: an error naming the table and the rows.
+    with pytest.raises(ValueError, match=r"anchor: NaN or infinite values in 1 of 6 rows"):
+        chunked_retrieval(t, v)
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_scores(t, v)
+
+
+@pytest.mark.parametrize("scale", [3e6, 1e10, 1e12])
+def test_huge_inputs_volumes_stay_finite_and_rank_alike(scale):
+    rng = np.random.default_rng(5)
+    t, v, a = (unit_rows(rng, 12, 8) for _ in range(3))
+    ref = np.asarray(retrieval_scores(t, v, a), np.float64)
+    big = [x * np.float32(scale) for x in (t, v, a)]
+    s = np.asarray(retrieval_scores(*big))
+    assert np.all(np.isfinite(s))
+    np.testing.assert_allclose(s / scale**3, ref, rtol=1e-5)
+    ranks, _ = chunked_retrieval(*big, chunk_size=5)
+    np.testing.assert_array_equal(np.asarray(ranks), np.asarray(positive_ranks(ref, True)))
+
+
+def test_metrics_arguments_checked_at_the_door():
+    rng = np.random.default_rng(0)
+    t, v = unit_rows(rng, 6, 4), unit_rows(rng, 6, 4)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            chunked_retrieval(t, v, chunk_size=bad)
+        with pytest.raises(ValueError, match="top_k must be >= 1"):
+            chunked_retrieval(t, v, top_k=bad)
+    for bad in (2.5, True, "8"):
+        with pytest.raises(TypeError, match="chunk_size must be an int"):
+            chunked_retrieval(t, v, chunk_size=bad)
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            chunked_retrieval(t, v, top_k=bad)
+    with pytest.raises(TypeError, match="lower_is_better must be a bool"):
+        positive_ranks(TIES, lower_is_better="yes")
+    with pytest.raises(TypeError, match="lower_is_better must be a bool"):
+        retrieval_metrics(TIES, lower_is_better=1)
+    with pytest.raises(TypeError, match="scores must be a NumPy or JAX array.*np.asarray"):
+        retrieval_metrics(TIES.tolist(), lower_is_better=False)
+    with pytest.raises(TypeError, match=r"others\[0\] must be a NumPy or JAX array"):
+        chunked_retrieval(t, v.tolist())
+    with pytest.raises(TypeError, match="anchor must be a NumPy or JAX array"):
+        retrieval_scores(t.tolist(), v)
+    with pytest.raises(ValueError, match="ties must be"):
+        chunked_retrieval(t, v, ties="random")

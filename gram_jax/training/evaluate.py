@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 
 from gram_jax.data import make_iterator
 from gram_jax.data.order import PaddedSource
-from gram_jax.metrics import chunked_retrieval, metrics_from_ranks
+from gram_jax.metrics import check_finite_rows, chunked_retrieval, metrics_from_ranks
 from gram_jax.models import l2_normalize
 
 __all__ = ["collect", "retrieval_report", "linear_probe", "balanced_accuracy", "roc_auc"]
@@ -51,6 +51,7 @@ def collect(
     modalities: dict[str, str],
     max_examples: int = 0,
     label_keys: tuple[str, ...] = (),
+    split: str = "eval",
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """Run ``fn`` (jitted, batch -> pytree of (B, ...) arrays with replicated outputs) over a
     whole split, in order.
@@ -59,7 +60,8 @@ def collect(
     batches placed with ``sharding``); the split is padded to whole batches by repeating its
     last example, so one compiled shape serves all batches and every process runs every
     batch. Returns the concatenated outputs (NumPy, on every process) and the requested
-    ``label/<name>`` arrays, truncated to ``max_examples`` (0 = all).
+    ``label/<name>`` arrays, truncated to ``max_examples`` (0 = all). Non-finite outputs raise
+    (:func:`check_finite`, naming ``split``): a NaN embedding must not be scored.
     """
     n = len(source) if max_examples <= 0 else min(max_examples, len(source))
     it = make_iterator(
@@ -78,11 +80,23 @@ def collect(
         for k in label_keys:
             labels[k].append(process_allgather(batch[f"label/{k}"], tiled=True))
     cat = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outs)
+    check_finite(cat, split)
     return cat, {k: np.concatenate(v)[:n] for k, v in labels.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("score", "direction", "chunk"))
+def check_finite(outputs, split: str) -> None:
+    """Raise ``ValueError`` naming the split, the modality (output key) and the row count
+    when any row of ``outputs`` (a ``{name: (N, ...)}`` dict or one (N, ...) array) holds NaN
+    or inf. Retrieval would otherwise score them (NaN compares false: a NaN query would beat
+    nothing and rank first)."""
+    named = outputs.items() if isinstance(outputs, dict) else [("features", outputs)]
+    for name, x in named:
+        check_finite_rows(f"evaluation on the {split!r} split: the {name!r} embeddings", x)
+
+
 def _ranks(anchor, others, score: str, direction: str, chunk: int):
+    # Not under jit: on concrete tables chunked_retrieval scores each distinct row once, so
+    # duplicated items (repeated captions) tie exactly; its block loop is compiled.
     ranks, _ = chunked_retrieval(
         anchor, *others, score=score, direction=direction, chunk_size=chunk, top_k=1
     )
@@ -96,8 +110,13 @@ def retrieval_report(
     scores: tuple[str, ...],
     fused_key: str | None = None,
     chunk: int = 512,
+    split: str = "eval",
 ) -> dict[str, float]:
-    """Flat retrieval metrics (module docstring) from ``{modality: (N, D)}`` unit embeddings."""
+    """Flat retrieval metrics (module docstring) from ``{modality: (N, D)}`` unit embeddings.
+
+    Non-finite embeddings raise (:func:`check_finite`) before anything is scored.
+    """
+    check_finite(emb, split)
     a = jnp.asarray(emb[anchor], jnp.float32)
     xs = [jnp.asarray(emb[m], jnp.float32) for m in others]
     n = a.shape[0]

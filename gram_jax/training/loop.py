@@ -137,6 +137,7 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
             sharding=batch_sharding,
             modalities=mods,
             max_examples=config.eval.max_examples,
+            split=config.data.eval_split,
         )
         anchor = config.model.anchor
         others = [m for m in mods if m != anchor]
@@ -155,6 +156,7 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
                 modalities=mods,
                 max_examples=max_examples,
                 label_keys=tasks,
+                split=split,
             )
 
         x_tr, y_tr = features(config.eval.probe_train_split, config.eval.probe_train_examples)
