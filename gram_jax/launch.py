@@ -1,6 +1,6 @@
 """Run a JAX program as N local processes of one multi-controller job (JAX's multi-host
 runtime on one machine): ``python -m gram_jax.launch --processes 2 --devices-per-process 4
--- train.py --config configs/default.py``.
+-- train.py --config configs/synthetic.py``.
 
 Each process gets the coordinator address (``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free
 port>``), its id and the process count (``GRAM_JAX_PROCESS_ID`` / ``GRAM_JAX_NUM_PROCESSES``,
