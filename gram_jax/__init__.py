@@ -22,6 +22,7 @@ Models (Flax NNX), data (TFDS + Grain) and the trainer live in ``gram_jax.models
 ``gram_jax.data`` and ``gram_jax.training``.
 """
 
+from gram_jax._lazy import lazy_exports as _lazy_exports
 from gram_jax.distributed import (
     check_batch_divisible,
     data_sharding,
@@ -95,11 +96,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # register_modality lives with the models and data layers (Flax, TFDS): import on use so
-    # that `import gram_jax` stays the light functional core.
-    if name == "register_modality":
-        from gram_jax.modalities import register_modality
-
-        return register_modality
-    raise AttributeError(f"module 'gram_jax' has no attribute {name!r}")
+# register_modality lives with the models and data layers (Flax, TFDS): import on use so
+# that `import gram_jax` stays the light functional core.
+__getattr__ = _lazy_exports(__name__, {"register_modality": "gram_jax.modalities"})

@@ -49,24 +49,8 @@ from typing import Any
 import numpy as np
 
 from gram_jax.data.augment import AudioAug, FeatureAug, ImageAug, TextAug, WaveformAug
-from gram_jax.models.cnn import CNNEncoder
-from gram_jax.models.config import (
-    AudioConfig,
-    CNNConfig,
-    EncoderConfig,
-    FeatureConfig,
-    ImageConfig,
-    TextConfig,
-    WaveformConfig,
-)
-from gram_jax.models.encoders import (
-    AudioEncoder,
-    FeatureEncoder,
-    ImageEncoder,
-    TextEncoder,
-    VideoEncoder,
-    WaveformEncoder,
-)
+from gram_jax.models import cnn, encoders
+from gram_jax.models import config as model_config
 
 __all__ = [
     "KINDS",
@@ -87,7 +71,7 @@ class ModalityKind:
 
     name: str
     encoder: type
-    config: type[EncoderConfig]
+    config: type[model_config.EncoderConfig]
     convert: Callable[[str, np.ndarray], np.ndarray]
     spec: Callable[[Shape, np.dtype], tuple[Shape, np.dtype]] | None = None
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
@@ -122,7 +106,7 @@ def register_modality(
     name: str,
     *,
     encoder: type,
-    config: type[EncoderConfig],
+    config: type[model_config.EncoderConfig],
     convert: Callable[[str, np.ndarray], np.ndarray] | None = None,
     spec: Callable[[Shape, np.dtype], tuple[Shape, np.dtype]] | None = None,
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
@@ -140,7 +124,7 @@ def register_modality(
     """
     if name in _BUILTIN and name in KINDS:
         raise ValueError(f"{name!r} is a built-in modality kind; register yours under another name")
-    if not (isinstance(config, type) and issubclass(config, EncoderConfig)):
+    if not (isinstance(config, type) and issubclass(config, model_config.EncoderConfig)):
         raise TypeError(
             f"config must be a gram_jax.models.EncoderConfig subclass (a frozen dataclass), "
             f"got {config!r}"
@@ -290,19 +274,19 @@ def _register_builtin(name: str, **kw) -> None:
 
 _register_builtin(
     "image",
-    encoder=ImageEncoder,
-    config=ImageConfig,
+    encoder=encoders.ImageEncoder,
+    config=model_config.ImageConfig,
     convert=convert_image,
     spec=_float_spec,
     augment=ImageAug(),
     claims=_is_rgb_image,
 )
-_register_builtin("cnn", encoder=CNNEncoder, config=CNNConfig, like="image")
+_register_builtin("cnn", encoder=cnn.CNNEncoder, config=model_config.CNNConfig, like="image")
 # No default augmentation: a per-frame crop would differ between frames.
 _register_builtin(
     "video",
-    encoder=VideoEncoder,
-    config=ImageConfig,
+    encoder=encoders.VideoEncoder,
+    config=model_config.ImageConfig,
     convert=convert_video,
     spec=_float_spec,
     claims=_is_rgb_video,
@@ -310,16 +294,16 @@ _register_builtin(
 # No claims: a float (T, M) array may as well be a depth map or any other 2-D signal.
 _register_builtin(
     "audio",
-    encoder=AudioEncoder,
-    config=AudioConfig,
+    encoder=encoders.AudioEncoder,
+    config=model_config.AudioConfig,
     convert=convert_audio,
     spec=_float_spec,
     augment=AudioAug(),
 )
 _register_builtin(
     "text",
-    encoder=TextEncoder,
-    config=TextConfig,
+    encoder=encoders.TextEncoder,
+    config=model_config.TextConfig,
     convert=convert_text,
     spec=_text_spec,
     augment=TextAug(),
@@ -328,8 +312,8 @@ _register_builtin(
 )
 _register_builtin(
     "features",
-    encoder=FeatureEncoder,
-    config=FeatureConfig,
+    encoder=encoders.FeatureEncoder,
+    config=model_config.FeatureConfig,
     convert=convert_vector,
     spec=_float_spec,
     augment=FeatureAug(),
@@ -338,8 +322,8 @@ _register_builtin(
 # No claims: a float vector is a feature vector unless declared a waveform.
 _register_builtin(
     "waveform",
-    encoder=WaveformEncoder,
-    config=WaveformConfig,
+    encoder=encoders.WaveformEncoder,
+    config=model_config.WaveformConfig,
     convert=convert_vector,
     spec=_float_spec,
     augment=WaveformAug(),

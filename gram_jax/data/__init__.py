@@ -13,6 +13,7 @@
 * ``python -m gram_jax.data.show <dataset>`` draws a PNG grid of examples.
 """
 
+from gram_jax._lazy import lazy_exports as _lazy_exports
 from gram_jax.data._tfds import LocalBuilder
 from gram_jax.data.augment import (
     AudioAug,
@@ -64,10 +65,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # gram_jax.modalities imports this package (the augmentations): re-export it lazily.
-    if name == "register_modality":
-        from gram_jax.modalities import register_modality
-
-        return register_modality
-    raise AttributeError(f"module 'gram_jax.data' has no attribute {name!r}")
+# gram_jax.modalities imports this package (the augmentations): re-export it lazily.
+__getattr__ = _lazy_exports(__name__, {"register_modality": "gram_jax.modalities"})

@@ -33,3 +33,18 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             return epath.Path(inspect.getfile(cls))
         except (TypeError, OSError):
             return None
+
+    def local_info(self, description: str, features: dict, **metadata) -> tfds.core.DatasetInfo:
+        """The ``DatasetInfo`` of a local dataset: ``features`` (a dict of TFDS features) and
+        ``metadata`` (``modalities={name: kind}`` and the builder's own entries).
+
+        TFDS shuffling is off: record i of a split is the example generated i-th, and the
+        pipeline draws its own (topology-independent) order over those indices.
+        """
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=description,
+            features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(**metadata),
+        )

@@ -164,17 +164,13 @@ class Embeddings(LocalBuilder):
             for k, v in arrays.items()
         }
         feats["index"] = tfds.features.Scalar(dtype=np.int32)
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Aligned per-modality embeddings from an .npz file.",
-            features=tfds.features.FeaturesDict(feats),
-            disable_shuffling=True,
-            metadata=tfds.core.MetadataDict(
-                modalities={k: "features" for k in arrays},
-                npz_path=os.path.abspath(c.npz_path) if c.npz_path else "",
-                test_fraction=c.test_fraction,
-                seed=c.seed,
-            ),
+        return self.local_info(
+            "Aligned per-modality embeddings from an .npz file.",
+            feats,
+            modalities={k: "features" for k in arrays},
+            npz_path=os.path.abspath(c.npz_path) if c.npz_path else "",
+            test_fraction=c.test_fraction,
+            seed=c.seed,
         )
 
     def _split_generators(self, dl_manager):

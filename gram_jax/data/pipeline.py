@@ -39,6 +39,7 @@ augmented batches.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import grain
@@ -207,7 +208,38 @@ def make_dataset(
     read_threads: int = 2,
     prefetch: int = 4,
 ) -> grain.IterDataset:
-    """The ``grain.IterDataset`` behind ``make_iterator`` (same arguments)."""
+    """The ``grain.IterDataset`` of batches of ``source`` (format: module docstring).
+
+    ``make_iterator`` is ``iter`` of it: a checkpointable ``grain.DatasetIterator``.
+
+    Args:
+      source: random-access source (``len``, ``[i]`` -> dict), e.g. ``load_source(...)``.
+      batch_size: *global* batch size; must divide by the process count and by the size
+        of the mesh's data axis (or axes).
+      seed: shuffling and augmentation seed.
+      shuffle: shuffle the examples, with a new permutation each epoch.
+      num_epochs: number of passes; ``None`` repeats forever.
+      mesh, data_axis: place batches as global ``jax.Array`` on ``mesh`` sharded along
+        ``data_axis`` (a name or a tuple of names); ``None`` yields NumPy arrays.
+      augment: ``None``, a preset (``"default"``, ``"light"``, ``"simclr"``, ``"none"``), an
+        ``augment.Augment``, or ``{modality: callable(x, rng)}``.
+      two_views: yield ``{"view1": ..., "view2": ...}`` independent augmentations (CoMM).
+      worker_count: grain worker processes (``mp_prefetch``); 0 = in-process. The order is
+        the same for any count, but a state saved with one count restores only with the
+        same count (grain's state layouts differ).
+      drop_remainder: drop the last incomplete batch.
+      modalities: ``{name: kind}`` (registered kinds, ``gram_jax.modalities``) to select /
+        override the modalities; default: the kinds the source declares (its ``modalities``
+        attribute or TFDS metadata ``modalities``), else ``infer_modalities`` of its first
+        record, which raises on an array of ambiguous kind.
+      process_index, process_count: override ``jax.process_index()/process_count()``.
+      read_threads, prefetch: grain ``ReadOptions`` (threads, batches read ahead).
+
+    Raises:
+      ValueError: empty source, batch larger than the split, batch size not
+        divisible by the process count or the mesh's data size, unknown modality / kind /
+        augmentation preset, data axis not in the mesh.
+    """
     if process_index is None:
         process_index = jax.process_index()
     if process_count is None:
@@ -292,75 +324,19 @@ def make_dataset(
     return it_ds
 
 
-def make_iterator(
-    source,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = 1,
-    mesh=None,
-    data_axis="data",
-    augment=None,
-    two_views: bool = False,
-    worker_count: int = 0,
-    drop_remainder: bool = True,
-    modalities: Mapping[str, str] | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    read_threads: int = 2,
-    prefetch: int = 4,
-) -> grain.DatasetIterator:
-    """Checkpointable iterator of batches of ``source`` (format: module docstring).
+def make_iterator(source, **kwargs) -> grain.DatasetIterator:
+    """Checkpointable iterator of batches of ``source``: ``iter(make_dataset(source, ...))``.
 
-    Args:
-      source: random-access source (``len``, ``[i]`` -> dict), e.g. ``load_source(...)``.
-      batch_size: *global* batch size; must divide by the process count and by the size
-        of the mesh's data axis (or axes).
-      seed: shuffling and augmentation seed.
-      shuffle: shuffle the examples, with a new permutation each epoch.
-      num_epochs: number of passes; ``None`` repeats forever.
-      mesh, data_axis: place batches as global ``jax.Array`` on ``mesh`` sharded along
-        ``data_axis`` (a name or a tuple of names); ``None`` yields NumPy arrays.
-      augment: ``None``, a preset (``"default"``, ``"light"``, ``"simclr"``, ``"none"``), an
-        ``augment.Augment``, or ``{modality: callable(x, rng)}``.
-      two_views: yield ``{"view1": ..., "view2": ...}`` independent augmentations (CoMM).
-      worker_count: grain worker processes (``mp_prefetch``); 0 = in-process. The order is
-        the same for any count, but a state saved with one count restores only with the
-        same count (grain's state layouts differ).
-      drop_remainder: drop the last incomplete batch.
-      modalities: ``{name: kind}`` (registered kinds, ``gram_jax.modalities``) to select /
-        override the modalities; default: the kinds the source declares (its ``modalities``
-        attribute or TFDS metadata ``modalities``), else ``infer_modalities`` of its first
-        record, which raises on an array of ambiguous kind.
-      process_index, process_count: override ``jax.process_index()/process_count()``.
-      read_threads, prefetch: grain ``ReadOptions`` (threads, batches read ahead).
-
-    Raises:
-      ValueError: empty source, batch larger than the split, batch size not
-        divisible by the process count or the mesh's data size, unknown modality / kind /
-        augmentation preset, data axis not in the mesh.
+    The arguments, their checks and the batch format are ``make_dataset``'s (documented
+    there once; ``inspect.signature(make_iterator)`` shows them).
     """
-    return iter(
-        make_dataset(
-            source,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            num_epochs=num_epochs,
-            mesh=mesh,
-            data_axis=data_axis,
-            augment=augment,
-            two_views=two_views,
-            worker_count=worker_count,
-            drop_remainder=drop_remainder,
-            modalities=modalities,
-            process_index=process_index,
-            process_count=process_count,
-            read_threads=read_threads,
-            prefetch=prefetch,
-        )
-    )
+    return iter(make_dataset(source, **kwargs))
+
+
+# One signature for both entry points: help() and IDEs show make_dataset's keyword arguments.
+make_iterator.__signature__ = inspect.signature(make_dataset).replace(
+    return_annotation=grain.DatasetIterator
+)
 
 
 def steps_per_epoch(source, batch_size: int, *, process_count: int | None = None) -> int:

@@ -451,16 +451,12 @@ class SyntheticTrimodal(LocalBuilder):
             modalities["waveform"] = "waveform"
         for name in [*FACTORS, "template"]:
             feats[f"factors/{name}"] = tfds.features.Scalar(dtype=np.int32)
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict(feats),
-            disable_shuffling=True,  # record i of a split is the example with index i
-            metadata=tfds.core.MetadataDict(
-                modalities=modalities,
-                factors={k: list(v) for k, v in FACTORS.items()},
-                vocabulary=list(vocabulary()),
-            ),
+        return self.local_info(
+            __doc__.split("\n\n")[0],
+            feats,
+            modalities=modalities,
+            factors={k: list(v) for k, v in FACTORS.items()},
+            vocabulary=list(vocabulary()),
         )
 
     def _split_generators(self, dl_manager):

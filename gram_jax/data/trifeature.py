@@ -376,18 +376,14 @@ class Trifeature(LocalBuilder):
         # One FeaturesDict for both kinds of split (TFDS has one feature spec per dataset):
         # the other kind's fields are optional and stored as None, so pair records carry
         # no pixels.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Bimodal Trifeatures (CoMM controlled experiment).",
-            features=tfds.features.FeaturesDict(feats),
-            disable_shuffling=True,
-            metadata=tfds.core.MetadataDict(
-                modalities={"image1": "image", "image2": "image"},
-                shapes=list(SHAPES),
-                textures=list(TEXTURES),
-                colours=list(COLOURS),
-                mapping=synergy_mapping(c.seed).tolist(),
-            ),
+        return self.local_info(
+            "Bimodal Trifeatures (CoMM controlled experiment).",
+            feats,
+            modalities={"image1": "image", "image2": "image"},
+            shapes=list(SHAPES),
+            textures=list(TEXTURES),
+            colours=list(COLOURS),
+            mapping=synergy_mapping(c.seed).tolist(),
         )
 
     def record_features(self) -> dict:

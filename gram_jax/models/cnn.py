@@ -28,13 +28,13 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from gram_jax.models.config import CNNConfig
-from gram_jax.models.encoders import EncoderOutput
+from gram_jax.models.encoders import EncoderOutput, _Encoder
 from gram_jax.models.layers import torch_default_bias_init
 
 __all__ = ["CNNEncoder"]
 
 
-class CNNEncoder(nnx.Module):
+class CNNEncoder(_Encoder):
     """Strided conv stack: images (B, H, W, C) -> (B, H_n * W_n, W) tokens + mean-pooled (B, W).
 
     See the module docstring for the layer formula. ``cfg.in_channels`` must match C.
@@ -61,10 +61,6 @@ class CNNEncoder(nnx.Module):
                 )
             )
         self.convs = nnx.List(layers)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (H_n, W_n) for an input of spatial size (height, width)."""

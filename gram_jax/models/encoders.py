@@ -92,6 +92,15 @@ def patchify(
     return x.reshape(b, gh * gw, ph * pw * c), (gh, gw)
 
 
+class _Encoder(nnx.Module):
+    """Base of the modality encoders: each keeps its config as ``self.cfg``, whose ``width``
+    is the width D of the :class:`EncoderOutput` it returns."""
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+
 class _TokenTransformer(nnx.Module):
     """CLS token + :class:`Transformer` + pooling over already-embedded tokens (shared core)."""
 
@@ -138,7 +147,7 @@ def _no_mask(name: str, mask) -> None:
         raise ValueError(f"{name} does not take a token mask (only TextEncoder does)")
 
 
-class ImageEncoder(nnx.Module):
+class ImageEncoder(_Encoder):
     """ViT patch transformer: images (B, H, W, C) -> (B, (H/p)(W/p), W) tokens.
 
     Patches p x p (``cfg.patch_size``) are embedded by a linear map of the flattened
@@ -152,10 +161,6 @@ class ImageEncoder(nnx.Module):
             p * p * c, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
         self.core = _TokenTransformer(cfg, rngs=rngs)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
 
     def embed_patches(
         self, x: Float[Array, "b h w c"], extra_pos: Float[Array, "b 1 w"] | None = None
@@ -181,7 +186,7 @@ class ImageEncoder(nnx.Module):
         return self.embed_patches(x)
 
 
-class VideoEncoder(nnx.Module):
+class VideoEncoder(_Encoder):
     """Video as frames: (B, T, H, W, C) -> tokens of all frames (B, T * N, W).
 
     Each frame goes through the same ViT (:class:`ImageEncoder` weights, frames folded into the
@@ -193,10 +198,6 @@ class VideoEncoder(nnx.Module):
     def __init__(self, cfg: ImageConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.frame_encoder = ImageEncoder(cfg, rngs=rngs)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
 
     def __call__(self, x: Float[Array, "b t h w c"], mask: None = None) -> EncoderOutput:
         _no_mask("VideoEncoder", mask)
@@ -215,7 +216,7 @@ class VideoEncoder(nnx.Module):
         return EncoderOutput(tokens, mask, pooled.astype(out.pooled.dtype), (t, *out.grid))
 
 
-class AudioEncoder(nnx.Module):
+class AudioEncoder(_Encoder):
     """Spectrogram transformer (AST-style): log-mel (B, T, n_mels) -> (B, (T/pt)(M/pf), W).
 
     Non-overlapping (pt, pf) = ``cfg.audio_patch`` time x mel patches, linear embedding, fixed
@@ -233,10 +234,6 @@ class AudioEncoder(nnx.Module):
         )
         self.core = _TokenTransformer(cfg, rngs=rngs)
 
-    @property
-    def width(self) -> int:
-        return self.cfg.width
-
     def __call__(self, x: Float[Array, "b t m"], mask: None = None) -> EncoderOutput:
         _no_mask("AudioEncoder", mask)
         _check_rank("AudioEncoder", x, 3, "(B, T, n_mels) log-mel spectrogram")
@@ -252,7 +249,7 @@ class AudioEncoder(nnx.Module):
         return self.core(e, jnp.ones(e.shape[:2], bool), grid)
 
 
-class WaveformEncoder(nnx.Module):
+class WaveformEncoder(_Encoder):
     """Raw audio (B, S) -> strided 1-D conv front end -> transformer, tokens (B, S', W).
 
     Front end (wav2vec-style): for each layer i, ``Conv1d(kernel k_i, stride s_i, VALID) ->
@@ -283,10 +280,6 @@ class WaveformEncoder(nnx.Module):
         )
         self.core = _TokenTransformer(cfg, rngs=rngs)
 
-    @property
-    def width(self) -> int:
-        return self.cfg.width
-
     def num_frames(self, num_samples: int) -> int:
         """Number of output tokens for a waveform of ``num_samples`` samples."""
         n = num_samples
@@ -311,7 +304,7 @@ class WaveformEncoder(nnx.Module):
         return self.core(e, jnp.ones(e.shape[:2], bool), (e.shape[1],))
 
 
-class TextEncoder(nnx.Module):
+class TextEncoder(_Encoder):
     """Text transformer over int token ids (B, L); id 0 is padding.
 
     ``token_mask = (ids != 0) & mask`` (``mask`` optional, (B, L) bool). Padded keys are masked
@@ -333,10 +326,6 @@ class TextEncoder(nnx.Module):
         )
         self.core = _TokenTransformer(cfg, rngs=rngs)
 
-    @property
-    def width(self) -> int:
-        return self.cfg.width
-
     def __call__(
         self, ids: Int[Array, "b l"], mask: Bool[Array, "b l"] | None = None
     ) -> EncoderOutput:
@@ -355,7 +344,7 @@ class TextEncoder(nnx.Module):
         return self.core(e, valid, (ids.shape[1],))
 
 
-class FeatureEncoder(nnx.Module):
+class FeatureEncoder(_Encoder):
     """MLP over precomputed feature vectors (B, F) -> one token (B, 1, W).
 
         h = Linear(F, W) x;   h <- h + MLP(LN(h))  (``depth`` times);   z = LN(h)
@@ -374,10 +363,6 @@ class FeatureEncoder(nnx.Module):
             [Mlp(cfg.width, cfg.mlp_dim, activation=cfg.activation, **kw) for _ in range(cfg.depth)]
         )
         self.ln_f = nnx.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
 
     def __call__(self, x: Float[Array, "b f"], mask: None = None) -> EncoderOutput:
         _no_mask("FeatureEncoder", mask)

@@ -80,16 +80,26 @@ class WorkdirBusy(RuntimeError):
     """Another live process holds the workdir's lock."""
 
 
-class CheckpointWriteError(RuntimeError):
+class _TrainingStopped(RuntimeError):
+    """Training stopped at ``step``; ``last_good`` is the newest intact checkpoint's step
+    (``None``: none on disk), named at the end of the message after ``reason``."""
+
+    def __init__(self, step: int, last_good: int | None, reason: str, *, none: str = "none"):
+        self.step = step
+        self.last_good = last_good
+        where = f"step {last_good}" if last_good is not None else none
+        super().__init__(f"{reason}. Last good checkpoint: {where}.")
+
+
+class CheckpointWriteError(_TrainingStopped):
     """A checkpoint save failed; ``step`` is the step that was being written."""
 
     def __init__(self, step: int, last_good: int | None, error: BaseException):
-        self.step = step
-        self.last_good = last_good
-        where = f"step {last_good}" if last_good is not None else "none"
         super().__init__(
+            step,
+            last_good,
             f"saving checkpoint step {step} failed ({type(error).__name__}: "
-            f"{_first_line(error)}); training stopped. Last good checkpoint: {where}."
+            f"{_first_line(error)}); training stopped",
         )
 
 

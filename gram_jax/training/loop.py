@@ -36,6 +36,7 @@ from gram_jax.training.checkpoint import (
     CheckpointWriteError,
     WorkdirBusy,
     WorkdirLock,
+    _TrainingStopped,
 )
 from gram_jax.training.config import ConfigError
 from gram_jax.training.reporting import MetricWriter, Progress, format_report
@@ -57,16 +58,16 @@ __all__ = [
 log = logging.getLogger("gram_jax.training")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(_TrainingStopped):
     """The loss or a gradient became non-finite; ``step`` is the first bad step."""
 
     def __init__(self, step: int, last_good: int | None):
-        self.step = step
-        self.last_good = last_good
-        where = f"step {last_good}" if last_good is not None else "none saved yet"
         super().__init__(
+            step,
+            last_good,
             f"non-finite loss or gradient at step {step}: training stopped, the update of that "
-            f"step was not applied. Last good checkpoint: {where}."
+            "step was not applied",
+            none="none saved yet",
         )
 
 
