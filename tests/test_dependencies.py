@@ -23,6 +23,7 @@ LOCAL = {"gram_jax", "configs", "experiments", "benchmarks", "train"} | {
     for p in (ROOT / d).glob("*.py")
 }
 NOT_IMPORTED = {  # declared on purpose, never imported
+    "symile": "tests/test_nmodal.py loads it with pytest.importorskip (the reference package)",
     "array-record": "the ArrayRecord format the TFDS builders write and Grain reads",
     "ruff": "the linter",
     "pytest-xdist": "pytest's -n workers",

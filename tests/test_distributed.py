@@ -334,6 +334,7 @@ _NMODAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["chunked", "all_gather", "ring"])
 def test_nmodal_losses_every_impl_matches_dense(impl):
     args = _gram_inputs(3)

@@ -157,6 +157,7 @@ def depth_config(tmp_path):
     data.DATASETS.pop("toy_rgbd", None)
 
 
+@pytest.mark.slow
 def test_depth_kind_from_a_config_file_trains_end_to_end(depth_config, tmp_path):
     from gram_jax.training.loop import load_split, make_train_iterator, train
     from gram_jax.training.step import example_shapes

@@ -406,6 +406,7 @@ def test_task_runs_each_new_loss(name):
         assert float(m["weight"]) == pytest.approx(1.0 - 7 / 200)
 
 
+@pytest.mark.slow
 def test_train_gram_infonce_with_new_eval_scores(tmp_path):
     """``train``: the train step hands the step to the loss (the weight moves), and
     ``eval.scores`` takes ``simplex`` and ``symile``."""

@@ -37,6 +37,7 @@ def reference(tmp_path_factory, data_dir):
     return _losses(workdir)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path, data_dir, reference):
     assert sorted(reference) == list(range(1, STEPS + 1))
     proc = subprocess.Popen(

@@ -15,6 +15,9 @@ import pathlib
 
 import pytest
 
+# CoMM vs Cross in miniature (two short trainings): run with the slow suite.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
