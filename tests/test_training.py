@@ -119,6 +119,7 @@ def test_frozen_tower_and_lr_groups(trainer):
     assert all(jax.tree.leaves(changed["heads"]))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_keeps_negatives_global(trainer):
     """GradCache with 4 microbatches = the full-batch step (same loss, grads, update)."""
     tr4 = make(tiny_config(train__grad_accum=4, optim__lr_multipliers=LR_GROUPS))
@@ -152,6 +153,7 @@ def test_non_finite_step_is_skipped_and_recorded(trainer):
     jax.tree.map(np.testing.assert_array_equal, good, jax.tree.map(np.asarray, state["params"]))
 
 
+@pytest.mark.slow
 def test_ring_loss_with_fsdp_params_matches_gspmd_replicated(trainer):
     """loss.impl='ring' (shard_map over both batch axes) + FSDP parameters on a 2 x 4 mesh
     gives the replicated GSPMD run's losses."""
@@ -207,6 +209,7 @@ def test_probe_features_are_the_tasks_policy(policy):
     np.testing.assert_allclose(feats, np.concatenate(parts, -1), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dam_term_trains_with_the_matching_head():
     tr = make(tiny_config(loss__dam_weight=0.1))
     state = tr.init()
@@ -240,6 +243,7 @@ def test_fsdp_rules():
     assert jax.P("fsdp") in opt_specs  # Adam moments follow their parameters
 
 
+@pytest.mark.slow
 def test_tpu_pod_base_lowers_and_compiles_on_8_devices():
     """The pod variant's step (base width, B = 4096, data x fsdp mesh, ring loss, bf16) with
     abstract inputs. Encoder depth is cut to 1 block to keep the CPU compile within the test
@@ -281,6 +285,7 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir):
     from gram_jax.training.loop import train
 

@@ -74,6 +74,7 @@ def test_sigkill_then_resume_reproduces_losses_exactly(tmp_path, data_dir, refer
         assert loss == reference[step], (step, loss, reference[step])
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses(tmp_path, data_dir, reference):
     one = tmp_path / "one"
     subprocess.run(
