@@ -6,18 +6,22 @@ The "encoders" are the 512-d inputs themselves through one linear map + LayerNor
 ``features`` encoder with depth 0), then GRAM's bias-free projection head; the volume loss
 aligns them. Point ``--config.data.builder.npz_path`` at your own file (any keys; set
 ``model.modalities`` to match, ``in_features`` to the vector size).
+
+Variant ``configs/gram_embeddings.py:subtitles=True``: the fixture's fourth modality
+(``subtitles``) as a third candidate, k = 4 (the setting of ``experiments/nmodal_study.py``).
 """
 
 import pathlib
 
-from gram_jax.training.config import base_config, modality
+from gram_jax.training.config import base_config, modality, parse_arg
 
 FIXTURE = (
     pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "msrvtt884_gram_step0.npz"
 )
 
 
-def get_config():
+def get_config(arg=None):
+    arg = parse_arg(arg, subtitles=False)
     c = base_config()
     c.name = "gram_embeddings"
     feats = dict(in_features=512, width=256, depth=0)
@@ -26,6 +30,8 @@ def get_config():
         "video": modality("features", "tiny", **feats),
         "audio": modality("features", "tiny", **feats),
     }
+    if arg.subtitles:
+        c.model.modalities["subtitles"] = modality("features", "tiny", **feats)
     c.model.anchor = "text"
     c.model.embed_dim = 256
     c.data.name = "embeddings"

@@ -393,10 +393,10 @@ def test_task_runs_each_new_loss(name):
     config = _feature_config(("a", "b", "c"), name=name)
     model, task = tasks.build_model(config), tasks.make_task(config)
     x = np.random.default_rng(1).standard_normal((3, 8, 4)).astype(np.float32)
-    batch = {"a": x[0], "b": x[1], "c": x[2], "step": jnp.full((8,), 7, jnp.int32)}
+    batch = {"a": x[0], "b": x[1], "c": x[2]}
 
     def f(model):
-        return task.loss(model, task.embed(model, batch), batch, jax.random.key(0))
+        return task.loss(model, task.embed(model, batch), batch, jax.random.key(0), step=7)
 
     (loss, m), grads = nnx.value_and_grad(f, has_aux=True)(model)
     assert np.isfinite(float(loss))

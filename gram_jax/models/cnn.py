@@ -28,7 +28,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from gram_jax.models.config import CNNConfig
-from gram_jax.models.encoders import EncoderOutput, _Encoder
+from gram_jax.models.encoders import EncoderOutput, _Encoder, check_float_input
 from gram_jax.models.layers import torch_default_bias_init
 
 __all__ = ["CNNEncoder"]
@@ -71,19 +71,8 @@ class CNNEncoder(_Encoder):
         return h, w
 
     def __call__(self, x: Float[Array, "b h w c"], mask: None = None) -> EncoderOutput:
-        if mask is not None:
-            raise ValueError("CNNEncoder does not take a token mask (only TextEncoder does)")
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"CNNEncoder expects a rank-4 input (B, H, W, C), got shape {tuple(jnp.shape(x))}"
-            )
-        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-            raise ValueError(f"CNNEncoder expects a floating-point input, got dtype {x.dtype}")
-        if x.shape[-1] != self.cfg.in_channels:
-            raise ValueError(
-                f"CNNEncoder expects {self.cfg.in_channels} channels (last axis), got shape "
-                f"{x.shape}"
-            )
+        channels = ("channels", self.cfg.in_channels)
+        check_float_input("CNNEncoder", x, mask, 4, "(B, H, W, C)", channels)
         h = x.astype(self.cfg.dtype)
         for conv in self.convs:
             h = jax.nn.relu(conv(h))

@@ -70,9 +70,21 @@ def _check_rank(name: str, x, rank: int, layout: str) -> None:
         )
 
 
-def _check_float(name: str, x) -> None:
+def check_float_input(
+    name: str, x, mask, rank: int, layout: str, last: tuple[str, int] | None = None
+) -> None:
+    """The input check of every float-input encoder: no token mask (only text has one), rank
+    ``rank`` (``layout`` names the axes), a floating dtype and, with ``last = (what, size)``,
+    the size of the last axis."""
+    if mask is not None:
+        raise ValueError(f"{name} does not take a token mask (only TextEncoder does)")
+    _check_rank(name, x, rank, layout)
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
         raise ValueError(f"{name} expects a floating-point input, got dtype {jnp.asarray(x).dtype}")
+    if last is not None and x.shape[-1] != last[1]:
+        raise ValueError(
+            f"{name} expects {last[0]} = {last[1]} (last axis), got shape {tuple(x.shape)}"
+        )
 
 
 def patchify(
@@ -142,11 +154,6 @@ class _TokenTransformer(nnx.Module):
         return EncoderOutput(tokens=out_tokens, token_mask=mask, pooled=pooled, grid=grid)
 
 
-def _no_mask(name: str, mask) -> None:
-    if mask is not None:
-        raise ValueError(f"{name} does not take a token mask (only TextEncoder does)")
-
-
 class ImageEncoder(_Encoder):
     """ViT patch transformer: images (B, H, W, C) -> (B, (H/p)(W/p), W) tokens.
 
@@ -166,11 +173,6 @@ class ImageEncoder(_Encoder):
         self, x: Float[Array, "b h w c"], extra_pos: Float[Array, "b 1 w"] | None = None
     ) -> EncoderOutput:
         """Encode (B, H, W, C) images, optionally adding a per-example position vector."""
-        name = type(self).__name__
-        if x.shape[-1] != self.cfg.in_channels:
-            raise ValueError(
-                f"{name} expects {self.cfg.in_channels} channels (last axis), got shape {x.shape}"
-            )
         patches, grid = patchify(x, self.cfg.patch_size, self.cfg.patch_size)
         e = self.patch_embed(patches.astype(self.cfg.dtype))
         e = e + jnp.asarray(sincos_2d(*grid, self.cfg.width), e.dtype)[None]
@@ -180,9 +182,8 @@ class ImageEncoder(_Encoder):
         return self.core(e, mask, grid)
 
     def __call__(self, x: Float[Array, "b h w c"], mask: None = None) -> EncoderOutput:
-        _no_mask("ImageEncoder", mask)
-        _check_rank("ImageEncoder", x, 4, "(B, H, W, C)")
-        _check_float("ImageEncoder", x)
+        channels = ("channels", self.cfg.in_channels)
+        check_float_input("ImageEncoder", x, mask, 4, "(B, H, W, C)", channels)
         return self.embed_patches(x)
 
 
@@ -200,9 +201,8 @@ class VideoEncoder(_Encoder):
         self.frame_encoder = ImageEncoder(cfg, rngs=rngs)
 
     def __call__(self, x: Float[Array, "b t h w c"], mask: None = None) -> EncoderOutput:
-        _no_mask("VideoEncoder", mask)
-        _check_rank("VideoEncoder", x, 5, "(B, T, H, W, C)")
-        _check_float("VideoEncoder", x)
+        channels = ("channels", self.cfg.in_channels)
+        check_float_input("VideoEncoder", x, mask, 5, "(B, T, H, W, C)", channels)
         b, t = x.shape[:2]
         frame_pos = jnp.asarray(sincos_1d(t, self.cfg.width))  # (T, W)
         frame_pos = jnp.broadcast_to(frame_pos[None], (b, t, self.cfg.width))
@@ -235,13 +235,9 @@ class AudioEncoder(_Encoder):
         self.core = _TokenTransformer(cfg, rngs=rngs)
 
     def __call__(self, x: Float[Array, "b t m"], mask: None = None) -> EncoderOutput:
-        _no_mask("AudioEncoder", mask)
-        _check_rank("AudioEncoder", x, 3, "(B, T, n_mels) log-mel spectrogram")
-        _check_float("AudioEncoder", x)
-        if x.shape[2] != self.cfg.n_mels:
-            raise ValueError(
-                f"AudioEncoder expects n_mels={self.cfg.n_mels} (last axis), got shape {x.shape}"
-            )
+        check_float_input(
+            "AudioEncoder", x, mask, 3, "(B, T, n_mels) log-mel", ("n_mels", self.cfg.n_mels)
+        )
         pt, pf = self.cfg.audio_patch
         patches, grid = patchify(x[..., None], pt, pf)
         e = self.patch_embed(patches.astype(self.cfg.dtype))
@@ -288,9 +284,7 @@ class WaveformEncoder(_Encoder):
         return n
 
     def __call__(self, x: Float[Array, "b s"], mask: None = None) -> EncoderOutput:
-        _no_mask("WaveformEncoder", mask)
-        _check_rank("WaveformEncoder", x, 2, "(B, num_samples) waveform")
-        _check_float("WaveformEncoder", x)
+        check_float_input("WaveformEncoder", x, mask, 2, "(B, num_samples) waveform")
         if self.num_frames(x.shape[1]) < 1:
             raise ValueError(
                 f"WaveformEncoder: {x.shape[1]} samples are too short for the conv front end "
@@ -365,13 +359,9 @@ class FeatureEncoder(_Encoder):
         self.ln_f = nnx.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, **kw)
 
     def __call__(self, x: Float[Array, "b f"], mask: None = None) -> EncoderOutput:
-        _no_mask("FeatureEncoder", mask)
-        _check_rank("FeatureEncoder", x, 2, "(B, F) feature vectors")
-        _check_float("FeatureEncoder", x)
-        if x.shape[1] != self.cfg.in_features:
-            raise ValueError(
-                f"FeatureEncoder expects F={self.cfg.in_features} features, got shape {x.shape}"
-            )
+        check_float_input(
+            "FeatureEncoder", x, mask, 2, "(B, F) features", ("F", self.cfg.in_features)
+        )
         h = self.inp(x.astype(self.cfg.dtype))
         for ln, mlp in zip(self.norms, self.mlps, strict=True):
             h = h + mlp(ln(h))

@@ -228,6 +228,16 @@ def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     return _get_config(path)
 
 
+def eval_scores(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The scores held-out retrieval reports, primary first: the loss's own score (its
+    ``LossSpec.score``: volume for GRAM, simplex for TRIANGLE, ...), then ``config.eval.scores``
+    (duplicates dropped); ``()`` when ``config.eval.scores`` is empty (retrieval off)."""
+    if not config.eval.scores:
+        return ()
+    own = losses.LOSSES[config.loss.name].score if config.loss.name in losses.LOSSES else None
+    return tuple(dict.fromkeys(s for s in (own, *config.eval.scores) if s))
+
+
 def parse_arg(
     arg: str | None, choices: dict[str, tuple] | None = None, **defaults: Any
 ) -> ml_collections.ConfigDict:

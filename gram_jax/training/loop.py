@@ -38,7 +38,7 @@ from gram_jax.training.checkpoint import (
     WorkdirLock,
     _TrainingStopped,
 )
-from gram_jax.training.config import ConfigError
+from gram_jax.training.config import ConfigError, eval_scores
 from gram_jax.training.reporting import MetricWriter, Progress, format_report
 from gram_jax.training.sharding import DATA_AXES, make_mesh
 from gram_jax.training.step import Trainer, make_trainer
@@ -143,7 +143,7 @@ def evaluate(trainer: Trainer, state: Any, config: ml_collections.ConfigDict) ->
         anchor = config.model.anchor
         others = [m for m in mods if m != anchor]
         fused = "+".join(others) if config.model.kind == "comm" else None
-        out.update(eval_lib.retrieval_report(emb, anchor, others, tuple(config.eval.scores), fused))
+        out.update(eval_lib.retrieval_report(emb, anchor, others, eval_scores(config), fused))
     tasks = tuple(config.eval.probe_tasks)
     if tasks:
         feat = trainer.eval_fns["features"]

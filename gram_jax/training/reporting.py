@@ -19,6 +19,8 @@ from typing import Any
 
 import jax
 
+from gram_jax.training.config import eval_scores
+
 __all__ = ["MetricWriter", "Progress", "format_report"]
 
 
@@ -127,7 +129,8 @@ def format_report(
     queries whose match ranks in the top k) and MdR (median rank); linear probes.
 
     With ``config``, the headline row comes first (anchor -> the other modalities by
-    ``config.eval.scores[0]``, the primary score; marked ``*``) and "rest" is spelled out
+    the primary score of :func:`~gram_jax.training.config.eval_scores`: the loss's own; marked
+    ``*``) and "rest" is spelled out
     as the other modalities joined by ``+``.
     """
     anchor = rest = None
@@ -136,7 +139,7 @@ def format_report(
         mods = list(config.model.modalities.keys())
         anchor = config.model.anchor
         rest = "+".join(m for m in mods if m != anchor)
-        primary = tuple(config.eval.scores)[0] if config.eval.scores else None
+        primary = next(iter(eval_scores(config)), None)
     rows: dict[tuple[str, str], dict[str, float]] = {}
     for key, v in metrics.items():
         parts = key.split("/")

@@ -100,10 +100,10 @@ def _embed(task: Task, graphdef, params, rest, batch) -> tuple[Any, Any]:
     return emb, _pure(nnx.state(model, nnx.Not(nnx.Param)))
 
 
-def _loss(task: Task, graphdef, params, rest, emb, batch, rng) -> tuple[jax.Array, dict]:
+def _loss(task: Task, graphdef, params, rest, emb, batch, rng, step) -> tuple[jax.Array, dict]:
     """``(loss, metrics)`` of embeddings over the whole batch (the loss's own parameters, such
     as the temperature, are read from ``params``)."""
-    return task.loss(nnx.merge(graphdef, params, rest), emb, batch, rng)
+    return task.loss(nnx.merge(graphdef, params, rest), emb, batch, rng, step)
 
 
 def _split_micro(x, accum: int):
@@ -119,7 +119,7 @@ def _merge_micro(y):
     return x.reshape(-1, *x.shape[2:])
 
 
-def grad_cache(task: Task, graphdef, params, rest, batch, rng, *, accum: int, mesh: Mesh):
+def grad_cache(task: Task, graphdef, params, rest, batch, rng, step, *, accum: int, mesh: Mesh):
     """``(loss, metrics, new_rest, grads)`` of the full-batch loss in ``accum`` microbatches.
 
     GradCache (module docstring): embeddings of every microbatch without gradient, then the
@@ -137,7 +137,7 @@ def grad_cache(task: Task, graphdef, params, rest, batch, rng, *, accum: int, me
     new_rest, (emb_micro, rest_in) = jax.lax.scan(forward, rest, micro)
     emb = jax.tree.map(_merge_micro, emb_micro)
     (loss, metrics), (g_params, g_emb) = jax.value_and_grad(
-        lambda p, e: _loss(task, graphdef, p, new_rest, e, batch, rng),
+        lambda p, e: _loss(task, graphdef, p, new_rest, e, batch, rng, step),
         argnums=(0, 1),
         has_aux=True,
     )(params, emb)
@@ -177,18 +177,15 @@ def train_step(
     """
     step, params, rest = state["step"], state["params"], state["rest"]
     rng = jax.random.fold_in(state["rng"], step)
-    # The step as a per-row column, so microbatches and shards carry it like any other input
-    # (losses with a schedule read it: LossSpec.inputs); the model never reads it.
-    batch = dict(batch, step=jnp.full(jax.tree.leaves(batch)[0].shape[:1], step))
     if accum > 1:
         loss, metrics, new_rest, grads = grad_cache(
-            task, graphdef, params, rest, batch, rng, accum=accum, mesh=mesh
+            task, graphdef, params, rest, batch, rng, step, accum=accum, mesh=mesh
         )
     else:
 
         def objective(p):
             emb, new_rest = _embed(task, graphdef, p, rest, batch)
-            loss, metrics = _loss(task, graphdef, p, new_rest, emb, batch, rng)
+            loss, metrics = _loss(task, graphdef, p, new_rest, emb, batch, rng, step)
             return loss, (metrics, new_rest)
 
         (loss, (metrics, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(params)

@@ -166,16 +166,11 @@ def _loss_params(config: ml_collections.ConfigDict, model: nnx.Module) -> dict[s
     return {}
 
 
-def _loss_inputs(config: ml_collections.ConfigDict, batch: dict, rng) -> dict[str, jax.Array]:
-    """The step's PRNG key and / or step number, if the registered loss asks (``inputs``);
-    the step is the train step's per-example ``batch["step"]`` column (all equal)."""
+def _loss_inputs(config: ml_collections.ConfigDict, rng, step) -> dict[str, jax.Array]:
+    """The step's PRNG key and / or number of completed steps, if the registered loss asks
+    (``LossSpec.inputs``)."""
     inputs = losses.get_loss(config.loss.name).inputs
-    out = {"key": rng} if "key" in inputs else {}
-    if "step" in inputs:
-        if "step" not in batch:
-            raise ConfigError(f"loss {config.loss.name!r} needs the step: batch['step'] is missing")
-        out["step"] = batch["step"][0]
-    return out
+    return {name: v for name, v in (("key", rng), ("step", step)) if name in inputs}
 
 
 def _temperature(config: ml_collections.ConfigDict, model: GramModel) -> jax.Array:
@@ -198,8 +193,11 @@ class Task(abc.ABC):
         """The model's outputs for ``batch`` that :meth:`loss` consumes."""
 
     @abc.abstractmethod
-    def loss(self, model: nnx.Module, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
-        """``(scalar loss, metrics)`` of the embeddings of one (micro)batch."""
+    def loss(
+        self, model: nnx.Module, emb: Any, batch: dict, rng, step: jax.Array | int = 0
+    ) -> tuple[jax.Array, dict]:
+        """``(scalar loss, metrics)`` of the embeddings of one (micro)batch; ``rng`` is the
+        step's PRNG key, ``step`` the number of completed training steps."""
 
     def model_inputs(self, batch: dict) -> dict:
         """The batch entries the model reads (modalities and their ``<m>_mask``)."""
@@ -223,7 +221,9 @@ class GramTask(Task):
             emb["enc"] = out["encoder_outputs"]
         return emb
 
-    def loss(self, model: GramModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
+    def loss(
+        self, model: GramModel, emb: Any, batch: dict, rng, step: jax.Array | int = 0
+    ) -> tuple[jax.Array, dict]:
         z = emb["z"]
         anchor = z[model.anchor]
         others = [z[m] for m in model.others]
@@ -231,7 +231,7 @@ class GramTask(Task):
             anchor,
             others,
             **_loss_params(self.config, model),
-            **_loss_inputs(self.config, batch, rng),
+            **_loss_inputs(self.config, rng, step),
         )
         metrics = dict(metrics)
         w = self.config.loss.dam_weight
@@ -285,7 +285,9 @@ class CrossSelfTask(GramTask):
         z2 = model(self.model_inputs(batch["view2"]))["embeddings"]
         return {"z1": z1, "z2": z2}
 
-    def loss(self, model: GramModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
+    def loss(
+        self, model: GramModel, emb: Any, batch: dict, rng, step: jax.Array | int = 0
+    ) -> tuple[jax.Array, dict]:
         mods = model.modalities
         view1, view2 = [emb["z1"][m] for m in mods], [emb["z2"][m] for m in mods]
         loss, metrics = self._fn(view1, view2, **_loss_params(self.config, model))
@@ -306,7 +308,9 @@ class CoMMTask(Task):
         z2 = model(self.model_inputs(batch["view2"]))["embeddings"]
         return {"z1": jnp.swapaxes(z1, 0, 1), "z2": jnp.swapaxes(z2, 0, 1)}
 
-    def loss(self, model: CoMMModel, emb: Any, batch: dict, rng) -> tuple[jax.Array, dict]:
+    def loss(
+        self, model: CoMMModel, emb: Any, batch: dict, rng, step: jax.Array | int = 0
+    ) -> tuple[jax.Array, dict]:
         # (B, P, d) -> P arrays (B, d): the batch still leads, so shard_map splits it.
         view1 = [emb["z1"][:, p] for p in range(emb["z1"].shape[1])]
         view2 = [emb["z2"][:, p] for p in range(emb["z2"].shape[1])]
