@@ -49,6 +49,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gram_jax import scores as score_lib
 from gram_jax.distributed import IMPLS, Impl, pair_stats
+from gram_jax.registry import Registry
 from gram_jax.volume import (
     GradientMode,
     _product,
@@ -259,6 +260,7 @@ def gram_contrastive_loss(
     axis_name: str | None = None,
     impl: Impl = "all_gather",
     chunk_size: int | None = None,
+    score: Literal["volume", "simplex", "triangle"] = "volume",
 ) -> tuple[Float[Array, ""], Metrics]:
     """GRAM's volume contrastive loss over a batch of B items, both directions.
 
@@ -280,14 +282,29 @@ def gram_contrastive_loss(
         gradient.
       volume_gradient: ``"safe"`` or ``"faithful"`` square root (see :mod:`gram_jax.volume`).
       axis_name, impl, chunk_size: the driver (module docstring); the result is the global loss.
+      score: ``"volume"`` (GRAM), ``"simplex"``: the simplex volume ``S_ij`` in place of
+        ``V_ij`` (:func:`simplex_contrastive_loss`), or ``"triangle"``: TRIANGLE's ``T_ij``
+        (:func:`triangle_loss`; k = 3; no square root, so ``volume_gradient`` is unused).
 
     Returns:
       ``(loss, metrics)``; metrics: ``loss``, ``temperature``, ``volume/positive`` and
       ``volume/negative`` (means), ``accuracy/anchor_to_rest`` and ``accuracy/rest_to_anchor``.
     """
+    pair = {
+        "volume": lambda a, o: pairwise_volume(a, *o, gradient=volume_gradient),
+        "simplex": lambda a, o: pairwise_simplex_volume(a, *o, gradient=volume_gradient),
+        "triangle": lambda a, o: 0.5 * pairwise_simplex_det(a, *o),
+    }
+    if score not in pair:
+        raise ValueError(f"score must be 'volume', 'simplex' or 'triangle', got {score!r}")
+    if score == "triangle" and len(_as_list(others)) != 2:
+        raise ValueError(
+            f"TRIANGLE is defined for k = 3 modalities (anchor + 2), got k = "
+            f"{1 + len(_as_list(others))}; use loss 'simplex' for any k"
+        )
     return _distance_contrastive(
-        lambda a, o: pairwise_volume(a, *o, gradient=volume_gradient), "volume",
-        anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size,
+        pair[score], score, anchor, others, temperature, label_smoothing, gradient, axis_name,
+        impl, chunk_size,
     )  # fmt: skip
 
 
@@ -653,12 +670,7 @@ def simplex_contrastive_loss(
     anchor: Float[Array, "B D"],
     others: Sequence[Float[Array, "B D"]],
     temperature: Float[Array, ""] | float,
-    label_smoothing: float = 0.1,
-    gradient: Literal["exact", "faithful"] = "exact",
-    volume_gradient: GradientMode = "safe",
-    axis_name: str | None = None,
-    impl: Impl = "all_gather",
-    chunk_size: int | None = None,
+    **kwargs: Any,
 ) -> tuple[Float[Array, ""], Metrics]:
     """GRAM's loss with the simplex volume in place of the parallelotope's (any k >= 2).
 
@@ -666,28 +678,18 @@ def simplex_contrastive_loss(
     (:func:`gram_jax.volume.pairwise_simplex_volume`: the chord length for k = 2, the
     triangle's area for k = 3); ``L = 1/2 [mean_i CE_eps(-S_i. / tau, i) + mean_j
     CE_eps(-S_.j / tau, j)]``. Sign-aware, unlike the volume: flipping a modality's embedding
-    changes ``S``. Arguments as :func:`gram_contrastive_loss`; metrics ``simplex/positive`` /
+    changes ``S``. ``kwargs``: those of :func:`gram_contrastive_loss` (``label_smoothing``,
+    ``gradient``, ``volume_gradient``, the driver); metrics ``simplex/positive`` /
     ``simplex/negative`` (mean volumes) and the two accuracies.
     """
-    return _distance_contrastive(
-        lambda a, o: pairwise_simplex_volume(a, *o, gradient=volume_gradient), "simplex",
-        anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size,
-    )  # fmt: skip
-
-
-def _triangle_score(a: Array, o: Sequence[Array]) -> Array:
-    return 0.5 * pairwise_simplex_det(a, *o)
+    return gram_contrastive_loss(anchor, others, temperature, score="simplex", **kwargs)
 
 
 def triangle_loss(
     anchor: Float[Array, "B D"],
     others: Sequence[Float[Array, "B D"]],
     temperature: Float[Array, ""] | float,
-    label_smoothing: float = 0.1,
-    gradient: Literal["exact", "faithful"] = "exact",
-    axis_name: str | None = None,
-    impl: Impl = "all_gather",
-    chunk_size: int | None = None,
+    **kwargs: Any,
 ) -> tuple[Float[Array, ""], Metrics]:
     """TRIANGLE's training loss (k = 3: anchor t, candidates v, a), as in the authors' code.
 
@@ -698,18 +700,10 @@ def triangle_loss(
     i.e. ``2 Area_ij^2`` (``Area = 1/2 sqrt(.)`` is the paper's triangle area), not the area:
     :func:`gram_jax.volume.pairwise_simplex_det` / 2 here, computed stably. The loss is GRAM's
     two-direction label-smoothed CE with logits ``-T / tau``. :func:`simplex_contrastive_loss`
-    with k = 3 is the same loss on the area itself. Arguments as :func:`gram_contrastive_loss`.
+    with k = 3 is the same loss on the area itself. ``kwargs``: those of
+    :func:`gram_contrastive_loss`; metrics ``triangle/positive`` / ``triangle/negative``.
     """
-    others = _as_list(others)
-    if len(others) != 2:
-        raise ValueError(
-            f"TRIANGLE is defined for k = 3 modalities (anchor + 2), got k = {1 + len(others)}; "
-            "use loss 'simplex' for any k"
-        )
-    return _distance_contrastive(
-        _triangle_score, "area", anchor, others, temperature, label_smoothing, gradient,
-        axis_name, impl, chunk_size,
-    )  # fmt: skip
+    return gram_contrastive_loss(anchor, others, temperature, score="triangle", **kwargs)
 
 
 def _symile_score(rows, cols) -> Array:
@@ -902,18 +896,15 @@ class LossSpec:
     inputs: tuple[str, ...] = ()
 
 
-LOSSES: dict[str, LossSpec] = {}
-_BUILTIN: set[str] = set()
+LOSSES: Registry[LossSpec] = Registry("loss")
 
 
-def register_loss(name: str, fn: Callable, **spec: Any) -> LossSpec:
+def register_loss(name: str, fn: Callable, *, builtin: bool = False, **spec: Any) -> LossSpec:
     """Make ``fn`` trainable as ``config.loss.name = name``; ``spec``: :class:`LossSpec` fields.
 
     Call it from a library file or a user's config file (before ``get_config`` returns).
     Built-in names are reserved; a user name may be registered again (a reloaded config).
     """
-    if name in _BUILTIN:
-        raise ValueError(f"{name!r} is a built-in loss; register yours under another name")
     s = LossSpec(fn, **spec)
     if s.params not in ("temperature", "scale_bias", None):
         raise ValueError(f"params must be 'temperature', 'scale_bias' or None, got {s.params!r}")
@@ -927,20 +918,17 @@ def register_loss(name: str, fn: Callable, **spec: Any) -> LossSpec:
         raise ValueError(f"score must be None or one of {tuple(score_lib.SCORES)}, got {s.score!r}")
     if bad := set(s.impls) - set(IMPLS):
         raise ValueError(f"impls {sorted(bad)} are not among {IMPLS}")
-    LOSSES[name] = s
-    return s
+    return LOSSES.add(name, s, builtin=builtin)
 
 
 def get_loss(name: str) -> LossSpec:
-    """The registered :class:`LossSpec` of ``name`` (``KeyError`` naming the known ones)."""
-    if name not in LOSSES:
-        raise KeyError(f"no loss {name!r}; registered: {tuple(LOSSES)}")
+    """The registered :class:`LossSpec` of ``name`` (:class:`~gram_jax.registry.UnknownName`
+    naming the registered ones)."""
     return LOSSES[name]
 
 
 def _builtin(name: str, fn: Callable, **spec: Any) -> None:
-    register_loss(name, fn, **spec)
-    _BUILTIN.add(name)
+    register_loss(name, fn, builtin=True, **spec)
 
 
 _NTX_TAU = {"temperature": "nt_xent_temperature"}

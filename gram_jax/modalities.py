@@ -51,6 +51,7 @@ import numpy as np
 from gram_jax.data.augment import AudioAug, FeatureAug, ImageAug, TextAug, WaveformAug
 from gram_jax.models import cnn, encoders
 from gram_jax.models import config as model_config
+from gram_jax.registry import Registry
 
 __all__ = [
     "KINDS",
@@ -98,8 +99,7 @@ class ModalityKind:
         return out
 
 
-KINDS: dict[str, ModalityKind] = {}
-_BUILTIN: set[str] = set()
+KINDS: Registry[ModalityKind] = Registry("modality kind")
 
 
 def register_modality(
@@ -113,6 +113,7 @@ def register_modality(
     mask: Callable[[np.ndarray], np.ndarray] | None = None,
     claims: Callable[[np.ndarray], bool] | None = None,
     like: str | None = None,
+    builtin: bool = False,
 ) -> ModalityKind:
     """Register modality kind ``name`` (usable as ``config.model.modalities.<m>.kind``).
 
@@ -122,8 +123,6 @@ def register_modality(
     ``ValueError`` for a built-in name, ``TypeError`` for a config that is not an
     :class:`~gram_jax.models.EncoderConfig` dataclass or a missing ``convert``.
     """
-    if name in _BUILTIN and name in KINDS:
-        raise ValueError(f"{name!r} is a built-in modality kind; register yours under another name")
     if not (isinstance(config, type) and issubclass(config, model_config.EncoderConfig)):
         raise TypeError(
             f"config must be a gram_jax.models.EncoderConfig subclass (a frozen dataclass), "
@@ -140,14 +139,12 @@ def register_modality(
     if not callable(convert):
         raise TypeError(f"modality kind {name!r}: convert must be callable (name, array) -> array")
     kind = ModalityKind(name, encoder, config, convert, spec, augment, mask, claims, data_kind)
-    KINDS[name] = kind
-    return kind
+    return KINDS.add(name, kind, builtin=builtin)
 
 
 def get_kind(name: str) -> ModalityKind:
-    """The registered kind ``name``; ``ValueError`` naming the registered kinds otherwise."""
-    if name not in KINDS:
-        raise ValueError(f"unknown modality kind {name!r}; expected one of {sorted(KINDS)}")
+    """The registered kind ``name`` (:class:`~gram_jax.registry.UnknownName`, a ``ValueError``,
+    naming the registered kinds otherwise)."""
     return KINDS[name]
 
 
@@ -268,8 +265,7 @@ def _is_float_vector(v: np.ndarray) -> bool:
 
 
 def _register_builtin(name: str, **kw) -> None:
-    register_modality(name, **kw)
-    _BUILTIN.add(name)
+    register_modality(name, builtin=True, **kw)
 
 
 _register_builtin(

@@ -29,6 +29,7 @@ from typing import Any
 
 from jaxtyping import Array, Float
 
+from gram_jax.registry import Registry
 from gram_jax.volume import (
     _gemm,
     _product,
@@ -55,19 +56,17 @@ class ScoreSpec:
     lower_is_better: bool
 
 
-SCORES: dict[str, ScoreSpec] = {}
+SCORES: Registry[ScoreSpec] = Registry("score")
 
 
 def register_score(name: str, spec: ScoreSpec) -> ScoreSpec:
-    """Add a retrieval / loss score under ``name`` (an existing name is replaced)."""
-    SCORES[name] = spec
-    return spec
+    """Add a retrieval / loss score under ``name`` (a built-in name cannot be replaced)."""
+    return SCORES.add(name, spec)
 
 
 def get_score(name: str) -> ScoreSpec:
-    """The :class:`ScoreSpec` of ``name`` (``ValueError`` naming the known ones)."""
-    if name not in SCORES:
-        raise ValueError(f"score must be one of {tuple(SCORES)}, got {name!r}")
+    """The :class:`ScoreSpec` of ``name`` (:class:`~gram_jax.registry.UnknownName` naming the
+    registered ones)."""
     return SCORES[name]
 
 

@@ -193,9 +193,9 @@ def test_chunked_retrieval_errors():
         chunked_retrieval(t, v[:5])
     with pytest.raises(ValueError, match="direction"):
         chunked_retrieval(t, v, direction="both")
-    with pytest.raises(ValueError, match="score must be"):
+    with pytest.raises(ValueError, match="unknown score"):
         chunked_retrieval(t, v, score="dot")
-    with pytest.raises(ValueError, match="score must be"):
+    with pytest.raises(ValueError, match="unknown score"):
         retrieval_scores(t, v, score="dot")
     with pytest.raises(ValueError, match="k >= 2"):
         chunked_retrieval(t)

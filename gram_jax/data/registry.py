@@ -27,13 +27,15 @@ import uuid
 import tensorflow_datasets as tfds
 
 from gram_jax.data import embeddings, synthetic, trifeature
+from gram_jax.registry import Registry
 
-DATASETS = {
+DATASETS: Registry[tuple[type, type]] = Registry("dataset")
+for _name, _entry in {
     "synthetic_trimodal": (synthetic.SyntheticTrimodal, synthetic.SyntheticTrimodalConfig),
     "trifeature": (trifeature.Trifeature, trifeature.TrifeatureConfig),
     "embeddings": (embeddings.Embeddings, embeddings.EmbeddingsConfig),
-}
-_BUILTIN = frozenset(DATASETS)
+}.items():
+    DATASETS.add(_name, _entry, builtin=True)
 log = logging.getLogger("gram_jax.data")
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
 
@@ -50,13 +52,11 @@ def register_dataset(name: str, builder_cls: type, config_cls: type) -> None:
     so ``train.py --config my_config.py`` knows the dataset. Re-registering a name replaces
     it; the built-in names cannot be replaced.
     """
-    if name in _BUILTIN and DATASETS.get(name) != (builder_cls, config_cls):
-        raise ValueError(f"{name!r} is a built-in dataset; register yours under another name")
     if not (isinstance(builder_cls, type) and issubclass(builder_cls, tfds.core.DatasetBuilder)):
         raise TypeError(f"builder_cls must be a TFDS DatasetBuilder class, got {builder_cls!r}")
     if not (isinstance(config_cls, type) and issubclass(config_cls, tfds.core.BuilderConfig)):
         raise TypeError(f"config_cls must be a tfds.core.BuilderConfig class, got {config_cls!r}")
-    DATASETS[name] = (builder_cls, config_cls)
+    DATASETS.add(name, (builder_cls, config_cls))
 
 
 def default_data_dir() -> pathlib.Path:
@@ -65,15 +65,9 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "gram_jax" / "datasets"
 
 
-def _lookup(name: str):
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    return DATASETS[name]
-
-
 def make_config(name: str, **config) -> tfds.core.BuilderConfig:
     """The validated builder config of dataset ``name`` with its derived config name."""
-    builder_cls, config_cls = _lookup(name)
+    builder_cls, config_cls = DATASETS[name]
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     params = sorted(set(fields) - _BASE_FIELDS)
     unknown = set(config) - set(params)
@@ -101,7 +95,7 @@ def make_config(name: str, **config) -> tfds.core.BuilderConfig:
 
 def dataset_dir(name: str, data_dir: str | os.PathLike | None = None, **config) -> pathlib.Path:
     """Where ``prepare`` puts (or has put) dataset ``name`` with this configuration."""
-    builder_cls, _ = _lookup(name)
+    builder_cls, _ = DATASETS[name]
     cfg = make_config(name, **config)
     root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     return root / builder_cls.name / cfg.name / str(builder_cls.VERSION)
@@ -172,7 +166,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, **config) -> p
     generated again. A :class:`DataError` names the directory and the command that fixes it
     when that fails.
     """
-    builder_cls, _ = _lookup(name)
+    builder_cls, _ = DATASETS[name]
     cfg = make_config(name, **config)
     root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     final = root / builder_cls.name / cfg.name / str(builder_cls.VERSION)
