@@ -839,12 +839,13 @@ def gram_infonce_loss(
 
     InfoNCE gives a gradient at random initialisation (where the volume is flat) and fixes the
     embeddings' signs (the volume is sign-free); GRAM takes over. Both terms use the same
-    temperature; GRAM's label smoothing applies to GRAM only. Metrics: the total, ``weight``,
+    temperature and the same label smoothing (as ``configs/synthetic.py:method=infonce``, so
+    the two terms differ only in the score). Metrics: the total, ``weight``,
     ``loss/infonce``, ``loss/gram`` and GRAM's own metrics.
     """
     w = handover_weight(step, infonce_weight, infonce_weight_end, handover_steps)
     kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
-    l_nce, _ = infonce_loss(anchor, others, temperature, **kw)
+    l_nce, _ = infonce_loss(anchor, others, temperature, label_smoothing, **kw)
     l_gram, m_gram = gram_contrastive_loss(
         anchor, others, temperature, label_smoothing, gradient, **kw
     )

@@ -312,7 +312,7 @@ def test_degenerate_inputs_give_finite_gradients():
 def test_gram_infonce_handover():
     a, o = _inputs(3)
     a, o = jnp.float32(a), [jnp.float32(x) for x in o]
-    nce = losses.infonce_loss(a, o, 0.1)[0]
+    nce = losses.infonce_loss(a, o, 0.1, label_smoothing=0.1)[0]  # the same smoothing as GRAM
     gram = losses.gram_contrastive_loss(a, o, 0.1)[0]
     kw = {"infonce_weight": 0.8, "infonce_weight_end": 0.2, "handover_steps": 100}
     for step, w in [(0, 0.8), (50, 0.5), (100, 0.2), (400, 0.2)]:
