@@ -36,7 +36,25 @@ discovers the pod); swap in your own TFDS builder through ``data.name``.
 
 from gram_jax.training.config import base_config, modality, parse_arg
 
-METHODS = ("gram", "infonce", "comm")
+# Every loss of the study (experiments/nmodal_study.py) as a method: its config.loss keys.
+# The rest of the config (data, encoders, optimiser, steps, batch) is the same for all.
+LOSS_RECIPES: dict[str, dict] = {
+    "gram": {"loss.name": "gram", "loss.gradient": "faithful"},  # the authors' GRAM
+    "gram_exact": {"loss.name": "gram"},  # the same loss, its exact gradient
+    "gram_infonce": {  # GRAM + an anchored-InfoNCE term at a constant weight
+        "loss.name": "gram+infonce", "loss.infonce_weight": 0.5, "loss.infonce_weight_end": 0.5,
+    },
+    "gram_handover": {"loss.name": "gram+infonce"},  # InfoNCE warm-up 1 -> 0 over 200 steps
+    "simplex": {"loss.name": "simplex"},
+    "triangle": {"loss.name": "triangle"},
+    "symile": {"loss.name": "symile"},
+    # label smoothing 0.1 as GRAM's, so only the score differs
+    "infonce": {"loss.name": "infonce", "loss.pairs": "anchored", "loss.label_smoothing": 0.1},
+    "infonce_all": {"loss.name": "infonce", "loss.pairs": "all", "loss.label_smoothing": 0.1},
+    "siglip": {"loss.name": "siglip"},
+}  # fmt: skip
+METHODS = (*LOSS_RECIPES, "comm")
+DEFAULT_METHOD = "gram_exact"
 SCALES = ("cpu", "pod")
 # The schedule of each scale, side by side: dotted key -> (cpu, pod).
 SCHEDULE = {
@@ -50,24 +68,25 @@ SCHEDULE = {
 }
 
 
+def comm(c) -> None:
+    """CoMM's model, views and decay rule on ``c`` (its modalities and encoders unchanged)."""
+    c.model.kind = "comm"
+    c.model.fusion_width = 64
+    c.model.fusion_depth = 1
+    c.model.fusion_heads = 8
+    c.model.projector_dims = (256, 128)
+    c.loss.name = "comm"
+    c.loss.nt_xent_temperature = 0.1
+    c.data.two_views = True
+    c.data.augment = "light"
+    c.optim.weight_decay = 1e-4  # CoMM's decay rule: wd 1e-4 on matrices only
+
+
 def _method(c, method: str) -> None:
-    if method == "gram":
-        c.loss.name = "gram"
-    elif method == "infonce":
-        c.loss.name = "infonce"
-        c.loss.pairs = "anchored"
-        c.loss.label_smoothing = 0.1  # as GRAM's loss, so only the score differs
+    if method == "comm":
+        comm(c)
     else:
-        c.model.kind = "comm"
-        c.model.fusion_width = 64
-        c.model.fusion_depth = 1
-        c.model.fusion_heads = 8
-        c.model.projector_dims = (256, 128)
-        c.loss.name = "comm"
-        c.loss.nt_xent_temperature = 0.1
-        c.data.two_views = True
-        c.data.augment = "light"
-        c.optim.weight_decay = 1e-4  # CoMM's decay rule: wd 1e-4 on matrices only
+        c.update_from_flattened_dict(LOSS_RECIPES[method])
 
 
 def _pod(c) -> None:
@@ -98,7 +117,7 @@ def _pod(c) -> None:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, {"method": METHODS, "scale": SCALES}, method="gram", scale="cpu")
+    arg = parse_arg(arg, {"method": METHODS, "scale": SCALES}, method=DEFAULT_METHOD, scale="cpu")
     c = base_config()
     c.name = f"{arg.method}_synthetic" + ("_pod" if arg.scale == "pod" else "")
     scale = SCALES.index(arg.scale)
