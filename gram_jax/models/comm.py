@@ -167,15 +167,9 @@ class CoMMProjector(nnx.Module):
         rngs: nnx.Rngs,
     ):
         f32 = jnp.float32
-        bn = dict(
-            momentum=bn_momentum,
-            epsilon=bn_eps,
-            axis_name=bn_axis_name,
-            use_fast_variance=False,
-            dtype=f32,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        # use_fast_variance=False: the two-pass variance E[(x - mean)^2], as PyTorch computes it.
+        bn = {"momentum": bn_momentum, "epsilon": bn_eps, "axis_name": bn_axis_name}
+        bn |= {"use_fast_variance": False, "dtype": f32, "param_dtype": param_dtype, "rngs": rngs}
         self.layer1 = _torch_linear(dim, hidden, f32, param_dtype, rngs)
         self.bn1 = nnx.BatchNorm(hidden, **bn)
         self.layer2 = _torch_linear(hidden, hidden, f32, param_dtype, rngs)

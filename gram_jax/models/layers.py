@@ -103,15 +103,9 @@ def torch_default_bias_init(fan_in: int):
 
 
 def _linear(din, dout, kernel_init, bias_init, dtype, param_dtype, rngs, use_bias=True):
+    init = {"kernel_init": kernel_init, "bias_init": bias_init}
     return nnx.Linear(
-        din,
-        dout,
-        use_bias=use_bias,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
+        din, dout, use_bias=use_bias, **init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
 
 
