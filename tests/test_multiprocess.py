@@ -21,8 +21,11 @@ import pytest
 
 from gram_jax import data
 from gram_jax.launch import free_port, launch, process_env
+from gram_jax.training.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The run name of train.py's default config (the prefix of its printed lines).
+NAME = load_config(str(ROOT / "configs" / "synthetic.py")).name
 SIZES = {"train_size": 256, "validation_size": 32, "test_size": 32}
 
 
@@ -157,7 +160,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     steps = list(range(1, CI_STEPS + 1))
     assert [r["step"] for r in _rows(tmp_path / "2x4")] == steps
     _assert_close(_losses(tmp_path / "2x4"), _losses(tmp_path / "1x8"), steps)
-    assert "[p0] gram_synthetic: gram model" in out and "[p1] gram_synthetic: gram model" not in out
+    assert f"[p0] {NAME}: gram model" in out and f"[p1] {NAME}: gram model" not in out
 
 
 STEPS = 60
@@ -199,8 +202,8 @@ def test_evaluation_in_many_processes_equals_one(long_runs):
     for k in keys:
         assert abs(a[k] - b[k]) <= 0.1, k
     out = long_runs[(2, 4)][1]
-    assert "[p0] gram_synthetic: held-out evaluation" in out
-    assert "[p1] gram_synthetic: held-out" not in out
+    assert f"[p0] {NAME}: held-out evaluation" in out
+    assert f"[p1] {NAME}: held-out" not in out
 
 
 @pytest.mark.multiprocess
