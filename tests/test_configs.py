@@ -11,17 +11,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 SYNTHETIC = str(ROOT / "configs" / "synthetic.py")
 # Every variant of every experiment file: (path[:arg], expected config name).
+SYNTHETIC_METHODS = (
+    "gram", "gram_exact", "gram_infonce", "gram_handover", "simplex", "triangle", "symile",
+    "infonce", "infonce_all", "siglip", "comm",
+)  # fmt: skip
+DEFAULT_METHOD = "gram_exact"  # what `python train.py` trains
 VARIANTS = [
-    (SYNTHETIC, "gram_synthetic"),
-    (f"{SYNTHETIC}:method=infonce", "infonce_synthetic"),
-    (f"{SYNTHETIC}:method=comm", "comm_synthetic"),
-    (f"{SYNTHETIC}:scale=pod", "gram_synthetic_pod"),
+    (SYNTHETIC, f"{DEFAULT_METHOD}_synthetic"),
+    *[(f"{SYNTHETIC}:method={m}", f"{m}_synthetic") for m in SYNTHETIC_METHODS],
+    (f"{SYNTHETIC}:scale=pod", f"{DEFAULT_METHOD}_synthetic_pod"),
     (str(ROOT / "configs" / "trifeature.py"), "comm_trifeature"),
     *[
         (str(ROOT / "configs" / f"trifeature.py:method={m}"), f"{m}_trifeature")
         for m in ("cross", "cross_self", "gram")
     ],
     (str(ROOT / "configs" / "gram_embeddings.py"), "gram_embeddings"),
+    (str(ROOT / "configs" / "gram_embeddings.py:subtitles=True"), "gram_embeddings"),
 ]
 
 
@@ -46,7 +51,10 @@ def test_config_loads_and_validates(path, name):
 
 def test_comparison_variants_differ_only_in_the_method():
     base = load_config(SYNTHETIC)
-    for method in ("infonce", "comm"):
+    assert load_config(f"{SYNTHETIC}:method={DEFAULT_METHOD}").to_dict() == dict(
+        base.to_dict(), name=f"{DEFAULT_METHOD}_synthetic"
+    )
+    for method in SYNTHETIC_METHODS:
         c = load_config(f"{SYNTHETIC}:method={method}")
         for key in ("seed", "train.steps", "train.batch_size", "data.name", "optim.lr"):
             node_a, node_b = base, c
