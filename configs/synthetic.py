@@ -1,20 +1,33 @@
-"""GRAM and its baselines on synthetic_trimodal with tiny encoders: the 2-CPU-core default.
+"""The n-modal family on synthetic_trimodal with tiny encoders: the 2-CPU-core default.
 
 Text is the anchor; image and audio are the candidates. A caption identifies its item only
 through image AND audio together (gram_jax/data/synthetic.py), so text -> (image, audio)
-retrieval by volume is the measure that matters.
+retrieval is the measure that matters.
 
 Variants, ``--config configs/synthetic.py:<arg>`` with ``<arg>`` comma-separated
-``key=value`` (``python train.py`` runs the default, ``method=gram``)::
+``key=value``; ``python train.py`` runs the default, ``method=DEFAULT_METHOD`` (the best
+GRAM-family recipe of ``experiments/nmodal_study.py``, README "Which loss should I use?")::
 
-    configs/synthetic.py                  GRAM volume loss, 600 steps (name gram_synthetic)
-    configs/synthetic.py:method=infonce   anchored InfoNCE: text-image + text-audio CLIP losses
-                                          (ImageBind / LanguageBind style: no term sees image
-                                          and audio together); label smoothing 0.1 as GRAM's
-    configs/synthetic.py:method=comm      CoMM: fuses the tokens of all modalities, two "light"
-                                          augmented views, NT-Xent between views (tau 0.1),
-                                          weight decay 1e-4 on matrices (CoMM's rule)
-    configs/synthetic.py:scale=pod        the same method at TPU-pod size (below)
+    configs/synthetic.py:method=gram           the authors' GRAM: volume loss, their no-grad
+                                               gather (loss.gradient=faithful)
+    configs/synthetic.py:method=gram_exact     the same loss with its exact gradient
+    configs/synthetic.py:method=gram_infonce   GRAM + anchored InfoNCE, weight 0.5 each
+    configs/synthetic.py:method=gram_handover  InfoNCE warm-up handing over to GRAM (200 steps)
+    configs/synthetic.py:method=simplex        the simplex volume (sign-aware; docs/nmodal.md)
+    configs/synthetic.py:method=triangle       TRIANGLE: the authors' area score and loss
+    configs/synthetic.py:method=symile         Symile's multilinear inner product
+    configs/synthetic.py:method=infonce        anchored InfoNCE: text-image + text-audio CLIP
+                                               losses (ImageBind / LanguageBind style: no term
+                                               sees image and audio together)
+    configs/synthetic.py:method=infonce_all    InfoNCE over all pairs (image-audio too)
+    configs/synthetic.py:method=siglip         SigLIP's sigmoid loss, anchored pairs
+    configs/synthetic.py:method=comm           CoMM: fuses the tokens of all modalities, two
+                                               "light" augmented views, NT-Xent between views
+                                               (tau 0.1), weight decay 1e-4 on matrices
+    configs/synthetic.py:scale=pod             the same method at TPU-pod size (below)
+
+The run name is ``<method>_synthetic``. The GRAM-family losses use label smoothing 0.1 (the
+authors'); so do both InfoNCE variants, so only the score differs.
 
 Every method shares the data, encoders, seed, steps, batch and optimiser; only the loss (and
 CoMM's model) changes. CoMM's retrieval reads its projected space: text-alone embeddings

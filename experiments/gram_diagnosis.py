@@ -8,9 +8,9 @@
     init 10 / -10 at tau = 0.1); B = 128, k = 3.
     - ``grad_random``: i.i.d. uniform unit vectors, D x tau grid, ``--draws`` draws (mean, std).
     - ``grad_model``: the embeddings of a real first training batch under the untrained model
-      of ``--config`` (default ``configs/synthetic.py``), seeds ``--seeds``, tau = the config's
-      ``model.temperature_init``; also the mean |cosine| of positive and negative pairs
-      (random unit vectors give sqrt(2 / (pi D))).
+      of ``--config`` (default ``configs/synthetic.py:method=gram_exact``, GRAM), seeds
+      ``--seeds``, tau = the config's ``model.temperature_init``; also the mean |cosine| of
+      positive and negative pairs (random unit vectors give sqrt(2 / (pi D))).
 (b) ``plateau``: the default config's initial loss plateau, one factor at a time around it:
     ``model.temperature_init``, ``optim.lr``, ``model.embed_dim``. Each run keeps the config's
     schedule (600 steps, warm-up 50) but stops at the plateau exit or at ``--plateau-cap``
@@ -388,7 +388,7 @@ def main() -> None:
         choices=["grad", "grad_model", "plateau", "anti", "report"],
         help="report: only rewrite the Markdown from the JSON (with --resume)",
     )
-    p.add_argument("--config", default="configs/synthetic.py")
+    p.add_argument("--config", default="configs/synthetic.py:method=gram_exact")
     p.add_argument("--baseline", default="configs/synthetic.py:method=infonce")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -1,6 +1,6 @@
 """GRAM vs anchored InfoNCE vs CoMM on synthetic_trimodal, several seeds (issue 6).
 
-Trains ``configs/synthetic.py`` (GRAM), ``configs/synthetic.py:method=infonce`` (anchored
+Trains ``configs/synthetic.py:method=gram_exact`` (GRAM), ``...:method=infonce`` (anchored
 InfoNCE) and ``configs/synthetic.py:method=comm`` (CoMM) with identical data (the dataset
 itself is fixed; the seed changes parameter init and training data order), encoders, batch
 128 and optimiser, then reports held-out (1,024 test items) text -> (image, audio) and
@@ -44,7 +44,7 @@ from gram_jax.training.loop import train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 METHODS = {
-    "gram": "configs/synthetic.py",
+    "gram": "configs/synthetic.py:method=gram_exact",
     "infonce_anchored": "configs/synthetic.py:method=infonce",
     "comm": "configs/synthetic.py:method=comm",
 }
