@@ -5,7 +5,7 @@ through image AND audio together (gram_jax/data/synthetic.py), so text -> (image
 retrieval is the measure that matters.
 
 Variants, ``--config configs/synthetic.py:<arg>`` with ``<arg>`` comma-separated
-``key=value``; ``python train.py`` runs the default, ``method=DEFAULT_METHOD`` (the best
+``key=value``; ``python train.py`` runs the default, ``method=triangle`` (the best
 GRAM-family recipe of ``experiments/nmodal_study.py``, README "Which loss should I use?")::
 
     configs/synthetic.py:method=gram           the authors' GRAM: volume loss, their no-grad
@@ -67,7 +67,7 @@ LOSS_RECIPES: dict[str, dict] = {
     "siglip": {"loss.name": "siglip"},
 }  # fmt: skip
 METHODS = (*LOSS_RECIPES, "comm")
-DEFAULT_METHOD = "gram_exact"
+DEFAULT_METHOD = "triangle"
 SCALES = ("cpu", "pod")
 # The schedule of each scale, side by side: dotted key -> (cpu, pod).
 SCHEDULE = {

@@ -218,7 +218,7 @@ def markdown(results: dict) -> str:
                 "| method | seeds | R | U | U1 | U2 | s / step |",
                 "|---|---|---|---|---|---|---|",
             ]
-            for m, s in per.items():
+            for m, s in sorted(per.items(), key=lambda ms: list(METHODS).index(ms[0])):
                 cells = [_cell(s, k) for k in ("R", "U", "U1", "U2")]
                 sps = s["seconds_per_step"]["mean"]
                 lines.append(
@@ -227,21 +227,24 @@ def markdown(results: dict) -> str:
         else:
             lines += [
                 "| method | seeds | own score | T->rest R@1 own | T->rest R@1 cosine | "
-                "rest->T R@1 own | rest->T R@1 cosine | T->rest R@5 own | s / step |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "rest->T R@1 own | rest->T R@1 cosine | T->rest R@5 own | s / step | "
+                "T->rest R@1 own per seed |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
-            for m, s in per.items():
+            for m, s in sorted(per.items(), key=lambda ms: list(METHODS).index(ms[0])):
                 cells = [
                     _cell(s, f"{d}/{w}/R@1")
                     for d in ("anchor_to_rest", "rest_to_anchor")
                     for w in ("own", "cosine")
                 ]
                 cells.append(_cell(s, "anchor_to_rest/own/R@5"))
-                own = results["runs"][setting][m][next(iter(results["runs"][setting][m]))]
+                runs = results["runs"][setting][m]
+                own = runs[next(iter(runs))]
+                seeds = ", ".join(f"{r['anchor_to_rest/own/R@1']:.1f}" for r in runs.values())
                 lines.append(
                     f"| {METHODS[m][0]} | {n[m]} | {own['own_score']} | "
                     + " | ".join(cells)
-                    + f" | {s['seconds_per_step']['mean']:.3f} |"
+                    + f" | {s['seconds_per_step']['mean']:.3f} | {seeds} |"
                 )
         lines.append("")
     lines.append(
@@ -265,9 +268,15 @@ def main() -> None:
         default=None,
         help="override every setting's steps (a smoke test; such results are not the study's)",
     )
+    p.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the JSON")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out_json = args.out / "nmodal_study.json"
+    if args.markdown_only:
+        table = markdown(json.loads(out_json.read_text()))
+        (args.out / "nmodal_study.md").write_text(table + "\n")
+        print(table)
+        return
     results = {"runs": {}, "chance": {}, "wall_seconds_total": 0.0, "steps_override": args.steps}
     if args.resume and out_json.is_file():
         results = json.loads(out_json.read_text())

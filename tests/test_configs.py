@@ -15,7 +15,7 @@ SYNTHETIC_METHODS = (
     "gram", "gram_exact", "gram_infonce", "gram_handover", "simplex", "triangle", "symile",
     "infonce", "infonce_all", "siglip", "comm",
 )  # fmt: skip
-DEFAULT_METHOD = "gram_exact"  # what `python train.py` trains
+DEFAULT_METHOD = "triangle"  # what `python train.py` trains
 VARIANTS = [
     (SYNTHETIC, f"{DEFAULT_METHOD}_synthetic"),
     *[(f"{SYNTHETIC}:method={m}", f"{m}_synthetic") for m in SYNTHETIC_METHODS],
