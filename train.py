@@ -1,6 +1,6 @@
 """Train a model of the n-modal family (GRAM, TRIANGLE, CoMM, ...) from a config file.
 
-    python train.py                                   # configs/synthetic.py, ./runs/triangle_synthetic
+    python train.py                                # configs/synthetic.py, ./runs/triangle_synthetic
     python train.py --config configs/synthetic.py:method=comm --workdir /tmp/comm
     python train.py --config configs/synthetic.py --config.optim.lr=3e-4 --config.train.steps=50
 
