@@ -286,8 +286,10 @@ def main() -> None:
         for setting in args.settings:
             for seed in args.seeds:
                 for method in args.methods:
+                    if not applicable(setting, method):
+                        continue
                     runs = results["runs"].setdefault(setting, {}).setdefault(method, {})
-                    if str(seed) in runs or not applicable(setting, method):
+                    if str(seed) in runs:
                         continue
                     if setting == "trifeature":
                         r = run_trifeature(method, seed, args.steps)
