@@ -36,12 +36,16 @@ class Registry(dict[str, T], Generic[T]):
     def __missing__(self, name: str) -> T:
         raise UnknownName(f"unknown {self.what} {name!r}; registered: {sorted(self)}")
 
-    def add(self, name: str, entry: T, *, builtin: bool = False) -> T:
-        """Register ``entry`` under ``name`` (``builtin``: the library's own, not replaceable)."""
+    def check_free(self, name: str, entry: T) -> None:
+        """``ValueError`` if ``name`` is a built-in registered with another entry."""
         if name in self.builtin and self[name] != entry:
             raise ValueError(
                 f"{name!r} is a built-in {self.what}; register yours under another name"
             )
+
+    def add(self, name: str, entry: T, *, builtin: bool = False) -> T:
+        """Register ``entry`` under ``name`` (``builtin``: the library's own, not replaceable)."""
+        self.check_free(name, entry)
         self[name] = entry
         if builtin:
             self.builtin.add(name)

@@ -52,6 +52,7 @@ def register_dataset(name: str, builder_cls: type, config_cls: type) -> None:
     so ``train.py --config my_config.py`` knows the dataset. Re-registering a name replaces
     it; the built-in names cannot be replaced.
     """
+    DATASETS.check_free(name, (builder_cls, config_cls))  # a built-in name is the first error
     if not (isinstance(builder_cls, type) and issubclass(builder_cls, tfds.core.DatasetBuilder)):
         raise TypeError(f"builder_cls must be a TFDS DatasetBuilder class, got {builder_cls!r}")
     if not (isinstance(config_cls, type) and issubclass(config_cls, tfds.core.BuilderConfig)):
