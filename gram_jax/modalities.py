@@ -49,8 +49,24 @@ from typing import Any
 import numpy as np
 
 from gram_jax.data.augment import AudioAug, FeatureAug, ImageAug, TextAug, WaveformAug
-from gram_jax.models import cnn, encoders
 from gram_jax.models import config as model_config
+from gram_jax.models.cnn import CNNEncoder
+from gram_jax.models.config import (
+    AudioConfig,
+    CNNConfig,
+    FeatureConfig,
+    ImageConfig,
+    TextConfig,
+    WaveformConfig,
+)
+from gram_jax.models.encoders import (
+    AudioEncoder,
+    FeatureEncoder,
+    ImageEncoder,
+    TextEncoder,
+    VideoEncoder,
+    WaveformEncoder,
+)
 from gram_jax.registry import Registry
 
 __all__ = [
@@ -264,63 +280,38 @@ def _is_float_vector(v: np.ndarray) -> bool:
     return np.issubdtype(v.dtype, np.floating) and v.ndim == 1
 
 
-def _register_builtin(name: str, **kw) -> None:
-    register_modality(name, builtin=True, **kw)
+def _register_builtin(name, encoder, config, convert, augment=None, **kw) -> None:
+    kw.setdefault("spec", _float_spec)
+    register_modality(
+        name, encoder=encoder, config=config, convert=convert, augment=augment, builtin=True, **kw
+    )
 
 
 _register_builtin(
-    "image",
-    encoder=encoders.ImageEncoder,
-    config=model_config.ImageConfig,
-    convert=convert_image,
-    spec=_float_spec,
-    augment=ImageAug(),
-    claims=_is_rgb_image,
+    "image", ImageEncoder, ImageConfig, convert_image, ImageAug(), claims=_is_rgb_image
 )
-_register_builtin("cnn", encoder=cnn.CNNEncoder, config=model_config.CNNConfig, like="image")
+_register_builtin("cnn", CNNEncoder, CNNConfig, None, like="image")
 # No default augmentation: a per-frame crop would differ between frames.
-_register_builtin(
-    "video",
-    encoder=encoders.VideoEncoder,
-    config=model_config.ImageConfig,
-    convert=convert_video,
-    spec=_float_spec,
-    claims=_is_rgb_video,
-)
+_register_builtin("video", VideoEncoder, ImageConfig, convert_video, claims=_is_rgb_video)
 # No claims: a float (T, M) array may as well be a depth map or any other 2-D signal.
-_register_builtin(
-    "audio",
-    encoder=encoders.AudioEncoder,
-    config=model_config.AudioConfig,
-    convert=convert_audio,
-    spec=_float_spec,
-    augment=AudioAug(),
-)
+_register_builtin("audio", AudioEncoder, AudioConfig, convert_audio, AudioAug())
 _register_builtin(
     "text",
-    encoder=encoders.TextEncoder,
-    config=model_config.TextConfig,
-    convert=convert_text,
+    TextEncoder,
+    TextConfig,
+    convert_text,
+    TextAug(),
     spec=_text_spec,
-    augment=TextAug(),
     mask=_nonzero,
     claims=_is_id_sequence,
 )
 _register_builtin(
     "features",
-    encoder=encoders.FeatureEncoder,
-    config=model_config.FeatureConfig,
-    convert=convert_vector,
-    spec=_float_spec,
-    augment=FeatureAug(),
+    FeatureEncoder,
+    FeatureConfig,
+    convert_vector,
+    FeatureAug(),
     claims=_is_float_vector,
 )
 # No claims: a float vector is a feature vector unless declared a waveform.
-_register_builtin(
-    "waveform",
-    encoder=encoders.WaveformEncoder,
-    config=model_config.WaveformConfig,
-    convert=convert_vector,
-    spec=_float_spec,
-    augment=WaveformAug(),
-)
+_register_builtin("waveform", WaveformEncoder, WaveformConfig, convert_vector, WaveformAug())
