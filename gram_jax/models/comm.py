@@ -50,7 +50,13 @@ from jaxtyping import Array, Bool, Float
 
 from gram_jax.models.encoders import EncoderOutput
 from gram_jax.models.gram_model import split_inputs
-from gram_jax.models.layers import Transformer, sincos_1d, sincos_2d, torch_default_bias_init
+from gram_jax.models.layers import (
+    Transformer,
+    prepend_cls,
+    sincos_1d,
+    sincos_2d,
+    torch_default_bias_init,
+)
 
 __all__ = [
     "InputAdapter",
@@ -143,11 +149,7 @@ class FusionTransformer(nnx.Module):
         self, tokens: Float[Array, "n l d"], key_mask: Bool[Array, "n l"] | None = None
     ) -> Float[Array, "n d"]:
         """Fuse a token sequence (N, L, D) (``key_mask`` True = valid) into its CLS (N, D)."""
-        n, _, d = tokens.shape
-        cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype), (n, 1, d))
-        x = jnp.concatenate([cls, tokens], axis=1)
-        if key_mask is not None:
-            key_mask = jnp.concatenate([jnp.ones((n, 1), bool), key_mask], axis=1)
+        x, key_mask = prepend_cls(self.cls_token[...], tokens, key_mask)
         return self.transformer(x, key_mask=key_mask)[:, 0]
 
 

@@ -35,7 +35,7 @@ from gram_jax.models.config import (
     TextConfig,
     WaveformConfig,
 )
-from gram_jax.models.layers import Mlp, Transformer, sincos_1d, sincos_2d
+from gram_jax.models.layers import Mlp, Transformer, prepend_cls, sincos_1d, sincos_2d
 
 __all__ = [
     "EncoderOutput",
@@ -139,10 +139,7 @@ class _TokenTransformer(nnx.Module):
         mask: Bool[Array, "b l"],
         grid: tuple[int, ...],
     ) -> EncoderOutput:
-        b = tokens.shape[0]
-        cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype), (b, 1, tokens.shape[2]))
-        x = jnp.concatenate([cls, tokens], axis=1)
-        key_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+        x, key_mask = prepend_cls(self.cls_token[...], tokens, mask)
         h = self.transformer(x, key_mask=key_mask)
         out_tokens = h[:, 1:]
         if self.cfg.pool == "cls":

@@ -44,6 +44,7 @@ __all__ = [
     "Mlp",
     "TransformerBlock",
     "Transformer",
+    "prepend_cls",
 ]
 
 InitScheme = Literal["vit", "clip"]
@@ -300,3 +301,17 @@ class Transformer(nnx.Module):
         for block in self.blocks:
             x = block(x, key_mask=key_mask)
         return self.ln_f(x)
+
+
+def prepend_cls(
+    cls_token: Float[Array, "1 1 w"],
+    tokens: Float[Array, "b l w"],
+    mask: Bool[Array, "b l"] | None = None,
+) -> tuple[Float[Array, "b l+1 w"], Bool[Array, "b l+1"] | None]:
+    """``[CLS; tokens]`` (the token cast to the tokens' dtype) and the key mask with the CLS
+    always valid (``mask=None`` stays None: every key valid)."""
+    b, _, w = tokens.shape
+    x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(tokens.dtype), (b, 1, w)), tokens], 1)
+    if mask is not None:
+        mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
+    return x, mask

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from gram_jax.models.layers import TransformerBlock
+from gram_jax.models.layers import TransformerBlock, prepend_cls
 
 __all__ = ["MatchingHead"]
 
@@ -123,9 +123,7 @@ class MatchingHead(nnx.Module):
         context = jnp.concatenate(kv, axis=1)
         context_mask = jnp.concatenate(kv_mask, axis=1)
         q = self.anchor_ln(self.anchor_in(anchor_tokens))
-        cls = jnp.broadcast_to(self.cls_token[...].astype(q.dtype), (b, 1, self.width))
-        q = jnp.concatenate([cls, q], axis=1)
-        q_mask = jnp.concatenate([jnp.ones((b, 1), bool), anchor_mask.astype(bool)], axis=1)
+        q, q_mask = prepend_cls(self.cls_token[...], q, anchor_mask)
         for block in self.blocks:
             q = block(q, key_mask=q_mask, context=context, context_mask=context_mask)
         pooled = self.ln_f(q)[:, 0]
