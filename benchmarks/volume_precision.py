@@ -18,8 +18,23 @@ against float64 references on the same float32 inputs (``np.linalg.slogdet``, an
 tuple). ``--x64`` adds ``ours`` evaluated on the inputs cast to float64 with
 ``jax_enable_x64`` (the more-accurate-dot-product recipe of ``docs/precision.md``).
 
+``--loss`` measures the GRAM loss instead (``loss_case``): per decade of the positives'
+volume, a batch of 32 clustered tuples (the negatives are the pairs across tuples, volumes
+~1), the relative error ``|g - g64| / |g64|`` of the loss gradient w.r.t. all k inputs and of
+the loss value, for
+
+- ``ours``: :func:`gram_jax.gram_contrastive_loss` (its positives, the diagonal, come from the
+  per-item volume; ``--score simplex``: the simplex loss);
+- ``pairwise``: the same loss on the whole ``pairwise_volume`` matrix, diagonal included (the
+  evaluation before the per-item positives);
+- ``authors``: the loss on the authors' formulation in JAX float32 ((B, B, k, k) Gram tensor,
+  ``jnp.linalg.det``, ``sqrt(abs)``; ``benchmarks/volume_bench.py``'s ``dense_volume``);
+
+against the same loss in float64 (jax x64) on the same float32 inputs.
+
     python benchmarks/volume_precision.py            # JSON on stdout
     python benchmarks/volume_precision.py --markdown # the tables of docs/precision.md
+    python benchmarks/volume_precision.py --loss --markdown
 """
 
 from __future__ import annotations
@@ -32,10 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gram_jax.losses import gram_contrastive_loss
 from gram_jax.volume import pairwise_volume
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from volume_bench import adjugate_volume  # noqa: E402
+from volume_bench import TAU, _loss_from_volume, adjugate_volume, dense_volume  # noqa: E402
 
 DECADES = (-1, -2, -3, -4, -5)
 
@@ -122,6 +138,42 @@ def case(k: int, d: int, per_decade: int, seed: int, x64: bool) -> dict:
     return {"k": k, "D": d, "decades": rows}
 
 
+def _loss_fns(score: str):
+    def ours(a, *o):
+        return gram_contrastive_loss(a, list(o), TAU, score=score)[0]
+
+    fns = {"ours": ours}
+    if score == "volume":
+        fns["pairwise"] = lambda a, *o: _loss_from_volume(pairwise_volume(a, *o))
+        fns["authors"] = lambda a, *o: _loss_from_volume(dense_volume(a, *o))
+    return fns
+
+
+def loss_case(k: int, d: int, batch: int, seed: int, score: str) -> dict:
+    """Loss value and gradient errors per decade of the positives' volume (module docstring)."""
+    rng = np.random.default_rng(seed)
+    fns = _loss_fns(score)
+    argnums = tuple(range(k))
+    rows = {}
+    for lo in DECADES:
+        x = clustered(rng, batch, k, d, (10.0 ** rng.uniform(lo, lo + 1, batch)) ** (1 / (k - 1)))
+        xs = [x[:, m] for m in range(k)]
+        with jax.enable_x64(True):
+            v64, g64 = jax.jit(jax.value_and_grad(fns["ours"], argnums=argnums))(
+                *[jnp.asarray(a, jnp.float64) for a in xs]
+            )
+            g64 = np.stack([np.asarray(g) for g in g64])
+            v64 = float(v64)
+        row = {"n": batch}
+        for name, fn in fns.items():
+            v, g = jax.jit(jax.value_and_grad(fn, argnums=argnums))(*xs)
+            g = np.stack([np.asarray(gm, np.float64) for gm in g])
+            row[f"{name}_value"] = abs(float(v) - v64) / abs(v64)
+            row[f"{name}_grad"] = float(np.linalg.norm(g - g64) / np.linalg.norm(g64))
+        rows[f"1e{lo}"] = row
+    return {"k": k, "D": d, "decades": rows}
+
+
 def markdown(results: list[dict], names: list[str]) -> str:
     lines = []
     for d in sorted({r["D"] for r in results}):
@@ -145,17 +197,22 @@ def main(argv=None) -> None:
     parser.add_argument("--per-decade", type=int, default=60, help="tuples per decade (about)")
     parser.add_argument("--x64", action="store_true", help="also float64 inputs (jax x64)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--loss", action="store_true", help="the loss's value and gradient")
+    parser.add_argument("--score", default="volume", choices=["volume", "simplex"])
     args = parser.parse_args(argv)
-    results = [
-        case(k, d, args.per_decade, seed=100 * k + d, x64=args.x64)
-        for d in (16, 512)
-        for k in (2, 3, 4, 5)
-    ]
-    if args.markdown:
+    grid = [(k, d) for d in (16, 512) for k in (2, 3, 4, 5)]
+    if args.loss:
+        results = [loss_case(k, d, 32, seed=100 * k + d, score=args.score) for k, d in grid]
+        names = list(_loss_fns(args.score))
+        what = f"float32 {args.score} loss precision"
+    else:
+        results = [case(k, d, args.per_decade, seed=100 * k + d, x64=args.x64) for k, d in grid]
         names = ["ours", "authors", "adjugate"] + (["ours_x64"] if args.x64 else [])
+        what = "float32 volume precision"
+    if args.markdown:
         print(markdown(results, names))
     else:
-        print(json.dumps({"benchmark": "float32 volume precision", "results": results}, indent=1))
+        print(json.dumps({"benchmark": what, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

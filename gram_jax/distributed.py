@@ -181,6 +181,8 @@ class _Spec:
     mask_diagonal: leave ``z_ii`` out of the log-sum-exp and max (self-similarity matrices).
     faithful: row statistics differentiate the rows only, column statistics the columns only.
     n_valid: ids >= n_valid are padding (chunked driver): excluded from every statistic.
+    positive: optional ``(rows, cols) -> (n,)`` score of row i with column i (matched items,
+      both pytrees of n items), written over the positives' entries of every tile.
     """
 
     score: Callable[[Any, Any], Array]
@@ -190,6 +192,7 @@ class _Spec:
     mask_diagonal: bool = False
     faithful: bool = False
     n_valid: int | None = None
+    positive: Callable[[Any, Any], Array] | None = None
 
 
 def _init(spec: _Spec, b: int, dtype) -> dict[str, Array]:
@@ -250,12 +253,22 @@ def _finalize(spec: _Spec, st: dict) -> dict[str, Array]:
     if spec.lse:
         out["lse"] = st["m"] + jnp.log(st["s"])
         out["max"] = jax.lax.stop_gradient(st["m"])
+        out["logsum"] = jax.lax.stop_gradient(jnp.log(st["s"]))
         out["arg"] = st["arg"]
     return out
 
 
-def _logits(spec, scale, bias, rows, cols):
-    return scale * spec.score(rows, cols) + bias
+def _logits(spec, scale, bias, rows, cols, pos):
+    """``z = scale * score(rows, cols) + bias``, with ``spec.positive``'s per-item score on the
+    tile's positives (``pos``: True where row id = column id)."""
+    s = spec.score(rows, cols)
+    if spec.positive is not None:
+        # Each row's matched column (if it is in this tile), gathered so that the positives
+        # are scored per item: O(br k D) beside the tile's O(br bc k D) products.
+        idx = jnp.argmax(pos, axis=1)
+        matched = jax.tree.map(lambda c: jnp.take(c, idx, axis=0), cols)
+        s = jnp.where(pos, spec.positive(rows, matched)[:, None].astype(s.dtype), s)
+    return scale * s + bias
 
 
 def _tile_forward(spec, scale, bias, rows, cols, rid, cid, row_st, col_st):
@@ -267,10 +280,10 @@ def _tile_forward(spec, scale, bias, rows, cols, rid, cid, row_st, col_st):
     pos, valid, keep = _masks(spec, rid, cid)
     if spec.faithful:
         sg = jax.lax.stop_gradient
-        z_row = _logits(spec, scale, bias, rows, sg(cols))
-        z_col = _logits(spec, scale, bias, sg(rows), cols) if col_st is not None else None
+        z_row = _logits(spec, scale, bias, rows, sg(cols), pos)
+        z_col = _logits(spec, scale, bias, sg(rows), cols, pos) if col_st is not None else None
     else:
-        z_row = z_col = _logits(spec, scale, bias, rows, cols)
+        z_row = z_col = _logits(spec, scale, bias, rows, cols, pos)
     if row_st is not None:
         row_st = _update(spec, row_st, z_row, pos, valid, keep, cid, axis=1)
     if col_st is not None:
@@ -293,14 +306,17 @@ def _dz(spec, z, pos, valid, keep, res: dict, axis: int) -> Array:
         dh = jax.jvp(lambda t: spec.pointwise(t, pos), (z,), (jnp.ones_like(z),))[1]
         g = g + bc(res["g_pw"]) * dh
     if spec.lse:
-        g = g + bc(res["g_lse"]) * jnp.where(keep, jnp.exp(z - bc(res["lse"])), 0.0)
+        # softmax = exp(z - max - log sum): the rounded lse = max + log sum would cost every
+        # probability a relative error ~ eps |lse| (1e-5 at |z| ~ 1 / tau ~ 14).
+        p = jnp.exp(z - bc(res["max"]) - bc(res["logsum"]))
+        g = g + bc(res["g_lse"]) * jnp.where(keep, p, 0.0)
     return g if valid is None else jnp.where(valid, g, 0.0)
 
 
 def _tile_backward(spec, scale, bias, rows, cols, rid, cid, row_res, col_res):
     """Recompute a tile and pull its cotangent back: ``(g_scale, g_bias, g_rows, g_cols)``."""
     pos, valid, keep = _masks(spec, rid, cid)
-    z, vjp = jax.vjp(lambda s, b, r, c: _logits(spec, s, b, r, c), scale, bias, rows, cols)
+    z, vjp = jax.vjp(lambda s, b, r, c: _logits(spec, s, b, r, c, pos), scale, bias, rows, cols)
     g_row = _dz(spec, z, pos, valid, keep, row_res, axis=1)
     if col_res is None:
         return vjp(g_row)
@@ -312,10 +328,11 @@ def _tile_backward(spec, scale, bias, rows, cols, rid, cid, row_res, col_res):
     return gs_r + gs_c, gb_r + gb_c, g_rows, g_cols
 
 
-def _residual(lse: Array | None, cot: dict) -> dict:
-    """Pair the final lse with the statistics' cotangents (zeros where a statistic is unused)."""
+def _residual(st: dict | None, cot: dict) -> dict:
+    """Pair the final ``max`` and ``logsum`` (the softmax's reference and normaliser) with the
+    statistics' cotangents (zeros where a statistic is unused)."""
     zero = jnp.zeros_like(cot["pos"])
-    out = {"lse": zero if lse is None else lse}
+    out = {k: zero if st is None or k not in st else st[k] for k in ("max", "logsum")}
     for k in _STATS:
         out[f"g_{k}"] = cot.get(k, zero)
     return out
@@ -326,7 +343,7 @@ def _diff_part(st: dict) -> dict:
 
 
 def _aux_part(st: dict) -> dict:
-    return {k: st[k] for k in ("max", "arg") if k in st}
+    return {k: st[k] for k in ("max", "logsum", "arg") if k in st}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +478,8 @@ def _ring_backward(spec, axis_name, scale, bias, rows, cols, row_res, col_res):
 def _recompute_vjp(forward, backward, scale, bias, rows, cols):
     """Run ``forward`` under a custom VJP whose backward recomputes the tiles (``backward``).
 
-    Residuals: the inputs and the final ``lse`` of the rows and columns, ``O(b)``.
+    Residuals: the inputs and the final ``max`` and ``logsum`` (lse = max + logsum) of the rows
+    and columns, ``O(b)``.
     """
 
     @jax.custom_vjp
@@ -471,15 +489,14 @@ def _recompute_vjp(forward, backward, scale, bias, rows, cols):
 
     def fwd(scale, bias, rows, cols):
         row_st, col_st = forward(scale, bias, rows, cols)
-        col_lse = None if col_st is None else col_st.get("lse")
-        res = (scale, bias, rows, cols, row_st.get("lse"), col_lse)
+        res = (scale, bias, rows, cols, _aux_part(row_st), col_st and _aux_part(col_st))
         return (_split(row_st), _split(col_st)), res
 
     def bwd(res, cot):
-        scale, bias, rows, cols, row_lse, col_lse = res
+        scale, bias, rows, cols, row_aux, col_aux = res
         (row_cot, _), (col_cot, _) = cot
-        col_res = None if col_cot is None else _residual(col_lse, col_cot)
-        return backward(scale, bias, rows, cols, _residual(row_lse, row_cot), col_res)
+        col_res = None if col_cot is None else _residual(col_aux, col_cot)
+        return backward(scale, bias, rows, cols, _residual(row_aux, row_cot), col_res)
 
     run.defvjp(fwd, bwd)
     (row_d, row_a), (col_d, col_a) = run(scale, bias, rows, cols)
@@ -599,6 +616,7 @@ def pair_stats(
     cols_stats: bool = True,
     mask_diagonal: bool = False,
     faithful: bool = False,
+    positive: Callable[[Any, Any], Array] | None = None,
 ) -> tuple[dict[str, Array], dict[str, Array] | None]:
     """Row and column statistics of ``z = scale * score(rows, cols) + bias`` over a global batch.
 
@@ -616,12 +634,16 @@ def pair_stats(
       cols_stats: compute the column statistics as well.
       mask_diagonal: exclude ``z_ii`` from ``lse`` / ``max`` / ``arg``.
       faithful: row statistics differentiate ``rows`` only, column statistics ``cols`` only.
+      positive: optional ``(rows, cols) -> (n,)``, the same score evaluated per matched item
+        (row i with column i; both pytrees of n items). It replaces ``score`` on the positives
+        ``z_ii`` in every driver: a score whose pairwise form loses precision where it matters
+        most (the volume of an aligned positive) gets the positives from its per-item form.
 
     Returns:
       ``(row_stats, col_stats)``: dicts of ``(b,)`` arrays for the local rows / columns with
-      keys ``pos`` (``z_ii``), ``tot`` (sum), and if requested ``pw``, ``lse``, ``max`` (no
-      gradient) and ``arg`` (int32 global index of the first maximum); col_stats is None
-      unless ``cols_stats``.
+      keys ``pos`` (``z_ii``), ``tot`` (sum), and if requested ``pw``, ``lse``, ``max`` and
+      ``logsum`` (no gradient; ``lse = max + logsum``) and ``arg`` (int32 global index of the
+      first maximum); col_stats is None unless ``cols_stats``.
     """
     # Python-number scale / bias take the embeddings' dtype (jnp.asarray would give float64
     # under x64 and promote the statistics).
@@ -629,7 +651,7 @@ def pair_stats(
     scale, bias = (x if hasattr(x, "dtype") else jnp.asarray(x, dt) for x in (scale, bias))
     spec = _Spec(
         score=score, lse=lse, pointwise=pointwise, cols=cols_stats,
-        mask_diagonal=mask_diagonal, faithful=faithful,
+        mask_diagonal=mask_diagonal, faithful=faithful, positive=positive,
     )  # fmt: skip
     # Checked even where unused (no axis_name), so a typo never waits for the mesh run.
     if impl not in IMPLS:

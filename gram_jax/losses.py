@@ -55,7 +55,7 @@ from gram_jax.volume import (
     _product,
     pairwise_simplex_det,
     pairwise_simplex_volume,
-    pairwise_volume,
+    simplex_volume,
     validate_pairwise_inputs,
 )
 
@@ -290,10 +290,29 @@ def gram_contrastive_loss(
       ``(loss, metrics)``; metrics: ``loss``, ``temperature``, ``volume/positive`` and
       ``volume/negative`` (means), ``accuracy/anchor_to_rest`` and ``accuracy/rest_to_anchor``.
     """
+    # Per score: the engine's columns (from the candidates), the pairwise score of a tile, and
+    # the per-item score of its positives (the diagonal), which keeps float32 accuracy on
+    # aligned positives where the pairwise form, built from dot products, cannot
+    # (docs/precision.md). The volume's columns are the candidates' Gram-Schmidt terms, made
+    # once per device: their backward then runs once on the summed cotangent, not once per
+    # tile before the tiles' contributions cancel (which costs the ring ~1e-5 at 1 x 1 tiles).
+    vg = volume_gradient
     pair = {
-        "volume": lambda a, o: pairwise_volume(a, *o, gradient=volume_gradient),
-        "simplex": lambda a, o: pairwise_simplex_volume(a, *o, gradient=volume_gradient),
-        "triangle": lambda a, o: 0.5 * pairwise_simplex_det(a, *o),
+        "volume": (
+            score_lib.volume_terms,
+            lambda a, t: score_lib.volume_block(a, t, vg),
+            lambda a, t: score_lib.volume_item(a, t, vg),
+        ),
+        "simplex": (
+            tuple,
+            lambda a, o: pairwise_simplex_volume(a, *o, gradient=vg),
+            lambda a, o: simplex_volume([a, *o], gradient=vg),
+        ),
+        "triangle": (  # T = det(F F^T) / 2 = 2 S^2, S the triangle's area
+            tuple,
+            lambda a, o: 0.5 * pairwise_simplex_det(a, *o),
+            lambda a, o: 2.0 * simplex_volume([a, *o], squared=True),
+        ),
     }
     if score not in pair:
         raise ValueError(f"score must be 'volume', 'simplex' or 'triangle', got {score!r}")
@@ -309,18 +328,21 @@ def gram_contrastive_loss(
 
 
 def _distance_contrastive(
-    score, name, anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size
+    forms, name, anchor, others, temperature, label_smoothing, gradient, axis_name, impl, chunk_size
 ) -> tuple[Array, Metrics]:
     """GRAM's two-direction label-smoothed CE with logits ``-score / tau`` (any lower-is-better
-    pair score; GRAM, simplex, TRIANGLE). Metrics ``<name>/positive`` and ``/negative``."""
+    pair score; GRAM, simplex, TRIANGLE). ``forms``: the score's ``(columns, pairwise, per
+    item)`` functions. Metrics ``<name>/positive`` and ``/negative``."""
+    columns, score, positive = forms
     others = _as_list(others)
     _check_square_batch(anchor, others)
     check_temperature(temperature)
     check_label_smoothing(label_smoothing)
     _check_choice("gradient", gradient, ("exact", "faithful"))
     row, col = pair_stats(
-        score, anchor, tuple(others), -1.0 / temperature,  # z = -score / tau
+        score, anchor, columns(others), -1.0 / temperature,  # z = -score / tau
         axis_name=axis_name, impl=impl, chunk_size=chunk_size, faithful=gradient == "faithful",
+        positive=positive,
     )  # fmt: skip
     g = _Global(anchor.shape[0], axis_name)
     loss = _symmetric_ce(row, col, label_smoothing, g)

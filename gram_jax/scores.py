@@ -2,9 +2,11 @@
 
 A score ``s(a_i, C_j)`` is split into per-candidate terms, computed once per candidate, and a
 block kernel that scores anchor rows against a block of candidates' terms. Retrieval
-(:mod:`gram_jax.metrics`, dense or chunked), the losses (:mod:`gram_jax.losses`, through the
-streaming engine, which recomputes the terms per tile) and ``config.eval.scores`` all read
-:data:`SCORES`, so a pair scores bit for bit alike everywhere.
+(:mod:`gram_jax.metrics`, dense or chunked), the GRAM loss (:mod:`gram_jax.losses`: the terms
+made once per device and streamed through the engine's tiles) and ``config.eval.scores`` all
+read :data:`SCORES`, so a pair scores bit for bit alike everywhere. The one exception is by
+design: the contrastive losses score their positives, the diagonal, per item
+(:func:`volume_item`), float32-accurate on aligned tuples (``docs/precision.md``).
 
 ========== ===================================================== ============ ===============
 name       score                                                 better       terms
@@ -31,8 +33,11 @@ from jaxtyping import Array, Float
 
 from gram_jax.registry import Registry
 from gram_jax.volume import (
+    _dot,
     _gemm,
     _product,
+    _project_out,
+    _sqrt,
     anchor_residual,
     candidate_gram,
     gram_det_block,
@@ -43,7 +48,16 @@ from gram_jax.volume import (
     span_basis,
 )
 
-__all__ = ["ScoreSpec", "SCORES", "register_score", "get_score", "pair_score"]
+__all__ = [
+    "ScoreSpec",
+    "SCORES",
+    "register_score",
+    "get_score",
+    "pair_score",
+    "volume_terms",
+    "volume_block",
+    "volume_item",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +91,7 @@ def pair_score(name: str) -> Callable[[Array, Sequence[Array]], Array]:
     return lambda a, others: spec.block(a, spec.terms(list(others)))
 
 
-def _volume_terms(others):
+def volume_terms(others):
     # Volumes are homogeneous in each vector: score power-of-two-scaled rows and scale back, so
     # huge inputs do not overflow the squared determinant (factor exactly 1 for ordinary rows).
     scaled, factors = zip(*(pow2_rows(x) for x in others), strict=True)
@@ -85,10 +99,20 @@ def _volume_terms(others):
     return cand.basis, cand.det, _product(factors)
 
 
-def _volume_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
+def volume_block(anchor: Float[Array, "R D"], terms, gradient="safe") -> Float[Array, "R C"]:
     basis, det, fc = terms
     anchor, fa = pow2_rows(anchor)
-    return safe_sqrt(gram_det_block(anchor, basis, det)) * fa[:, None] * fc[None, :]
+    return _sqrt(gram_det_block(anchor, basis, det), gradient) * fa[:, None] * fc[None, :]
+
+
+def volume_item(anchor: Float[Array, "N D"], terms, gradient="safe") -> Float[Array, " N"]:
+    """``vol(a_i, C_i)`` of each anchor with ITS candidate's terms (``terms`` of N candidates):
+    the anchor's step in D-space (:func:`gram_jax.volume.gram_volume`'s), so an aligned
+    positive keeps float32 accuracy where the pairwise form's dot products cannot."""
+    basis, det, fc = terms
+    anchor, fa = pow2_rows(anchor)
+    r = _project_out(anchor, basis)
+    return _sqrt(det * _dot(r, r), gradient) * fa * fc
 
 
 def _simplex_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
@@ -97,7 +121,7 @@ def _simplex_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
     return safe_sqrt(simplex_det_block(anchor, basis, base, det)) / norm
 
 
-register_score("volume", ScoreSpec(_volume_terms, _volume_block, True))
+register_score("volume", ScoreSpec(volume_terms, volume_block, True))
 register_score(
     "span_distance",
     ScoreSpec(lambda o: span_basis(*o), lambda a, t: safe_sqrt(anchor_residual(a, t)), True),
