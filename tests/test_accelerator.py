@@ -1,6 +1,7 @@
 """benchmarks/accelerator.py --small: the accelerator check's code at toy sizes on CPU, so it
-cannot rot between the sessions that have a GPU (issue 15). One subprocess run (~1 min on 2
-quiet cores); the checks are on the JSON's structure and on every section having succeeded."""
+cannot rot between the sessions that have a GPU (issue 15). One subprocess run (~70 s on 2
+cores, so it is marked slow: ``.ci/run`` runs it with the other end-to-end processes); the
+checks are on the JSON's structure and on every section having succeeded."""
 
 import json
 import os
@@ -9,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SECTIONS = ("environment", "tests", "volume", "torch", "train", "memory")
