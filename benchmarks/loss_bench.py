@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 
 import jax
@@ -24,6 +25,7 @@ from gram_jax import losses
 def _load(path: str):
     spec = importlib.util.spec_from_file_location("baseline_losses", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module's annotations through it
     spec.loader.exec_module(mod)
     return mod
 

@@ -280,7 +280,7 @@ def _is_float_vector(v: np.ndarray) -> bool:
     return np.issubdtype(v.dtype, np.floating) and v.ndim == 1
 
 
-def _register_builtin(name, encoder, config, convert, augment=None, **kw) -> None:
+def _register_builtin(name, encoder, config, convert=None, augment=None, **kw) -> None:
     kw.setdefault("spec", _float_spec)
     register_modality(
         name, encoder=encoder, config=config, convert=convert, augment=augment, builtin=True, **kw
@@ -290,7 +290,7 @@ def _register_builtin(name, encoder, config, convert, augment=None, **kw) -> Non
 _register_builtin(
     "image", ImageEncoder, ImageConfig, convert_image, ImageAug(), claims=_is_rgb_image
 )
-_register_builtin("cnn", CNNEncoder, CNNConfig, None, like="image")
+_register_builtin("cnn", CNNEncoder, CNNConfig, like="image")
 # No default augmentation: a per-frame crop would differ between frames.
 _register_builtin("video", VideoEncoder, ImageConfig, convert_video, claims=_is_rgb_video)
 # No claims: a float (T, M) array may as well be a depth map or any other 2-D signal.

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float
 
 from gram_jax.registry import Registry
 from gram_jax.volume import (
+    GradientMode,
     _dot,
     _gemm,
     _product,
@@ -99,13 +100,17 @@ def volume_terms(others):
     return cand.basis, cand.det, _product(factors)
 
 
-def volume_block(anchor: Float[Array, "R D"], terms, gradient="safe") -> Float[Array, "R C"]:
+def volume_block(
+    anchor: Float[Array, "R D"], terms, gradient: GradientMode = "safe"
+) -> Float[Array, "R C"]:
     basis, det, fc = terms
     anchor, fa = pow2_rows(anchor)
     return _sqrt(gram_det_block(anchor, basis, det), gradient) * fa[:, None] * fc[None, :]
 
 
-def volume_item(anchor: Float[Array, "N D"], terms, gradient="safe") -> Float[Array, " N"]:
+def volume_item(
+    anchor: Float[Array, "N D"], terms, gradient: GradientMode = "safe"
+) -> Float[Array, " N"]:
     """``vol(a_i, C_i)`` of each anchor with ITS candidate's terms (``terms`` of N candidates):
     the anchor's step in D-space (:func:`gram_jax.volume.gram_volume`'s), so an aligned
     positive keeps float32 accuracy where the pairwise form's dot products cannot."""
