@@ -5,6 +5,8 @@ process and interleaved round by round (so load from other processes hits all al
 
 - ``ours_volume``: :func:`gram_jax.pairwise_volume` (a Gram-Schmidt basis per candidate, k - 1
   GEMMs against it and an elementwise sum of squares);
+- ``ours_volume_refine0``: the same with ``refine=0`` (no per-item recomputation of each
+  anchor's smallest volume; ``refine_cost`` is the ratio);
 - ``adjugate_volume``: the previous formulation of ``pairwise_volume`` (k - 1 GEMMs against the
   candidate vectors and the polynomial ``(a.a) det M - u^T adj(M) u``), kept here as the
   baseline (it loses all precision on aligned tuples: ``docs/precision.md``);
@@ -37,6 +39,7 @@ temporary allocation of the compiled function, ``compiled.memory_analysis().temp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -237,6 +240,7 @@ def bench_case(
 
     jitted = {
         "ours_volume": jax.jit(pairwise_volume),
+        "ours_volume_refine0": jax.jit(functools.partial(pairwise_volume, refine=0)),
         "adjugate_volume": jax.jit(adjugate_volume),
         "floor": jax.jit(floor_products),
         "dense_volume": jax.jit(dense_volume),
@@ -258,7 +262,8 @@ def bench_case(
         if name in memory and memory[name] > mem_limit * 2**30
     }
 
-    fast_names = ("ours_volume", "adjugate_volume", "floor", "ours_loss", "adjugate_loss")
+    fast_names = ("ours_volume", "ours_volume_refine0", "adjugate_volume", "floor", "ours_loss")
+    fast_names = (*fast_names, "adjugate_loss")
     fast_names = (*fast_names, "infonce_loss", "simplex_volume", "simplex_loss")
     fast = {n: (jitted[n], args) for n in fast_names if n in jitted}
     times = interleaved(fast, repeats)
@@ -299,6 +304,7 @@ def bench_case(
     ratios |= {
         "ours_over_floor": paired_ratio(times, "ours_volume", "floor"),
         "ours_over_floor_of_medians": ratio(med.get("ours_volume"), med.get("floor")),
+        "refine_cost": paired_ratio(times, "ours_volume", "ours_volume_refine0"),
         "adjugate_over_floor": paired_ratio(times, "adjugate_volume", "floor"),
         "ours_over_adjugate": paired_ratio(times, "ours_volume", "adjugate_volume"),
         "adjugate_loss_over_infonce": paired_ratio(times, "adjugate_loss", "infonce_loss"),

@@ -7,6 +7,10 @@ spread over 1e-1 .. 1e-5 and reports, per decade, the max relative error of
 
 - ``ours``: :func:`gram_jax.pairwise_volume` in float32 (the positives, i.e. the diagonal of a
   (B, B + 7) matrix), value and gradient (of the sum of positive volumes, w.r.t. all k inputs);
+  each row's smallest volume, here the positive, is recomputed per item (``refine=1``, the
+  default);
+- ``ours_refine0``: the same with ``refine=0``: every entry from the k - 1 dot products, the
+  accuracy of the entries that are not refined (e.g. a third copy of a duplicated item);
 - ``authors``: the authors' formulation in NumPy float32: the k x k Gram matrix of each tuple
   from float32 products and ``np.linalg.det`` (the LU of ``torch.det``), ``sqrt(abs(det))``;
   its gradient ``vol G^-1 A`` with a float32 ``np.linalg.inv`` (what autograd of
@@ -87,17 +91,17 @@ def authors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vol, grad
 
 
-def _positives(anchor, *others):
-    return jnp.diagonal(pairwise_volume(anchor, *others))
-
-
-def _ours(dtype, x: np.ndarray, extra: list[np.ndarray]):
+def _ours(dtype, x: np.ndarray, extra: list[np.ndarray], refine: int = 1):
     """float32 (or float64) volumes of the positives and their gradients, (b,) and (b, k, d)."""
     xs = [x[:, m].astype(dtype) for m in range(x.shape[1])]
     cand = [np.concatenate([c, e.astype(dtype)]) for c, e in zip(xs[1:], extra, strict=True)]
     k = len(xs)
-    vol = jax.jit(_positives)(xs[0], *cand)
-    grads = jax.jit(jax.grad(lambda *ys: jnp.sum(_positives(*ys)), argnums=tuple(range(k))))(
+
+    def positives(anchor, *others):
+        return jnp.diagonal(pairwise_volume(anchor, *others, refine=refine))
+
+    vol = jax.jit(positives)(xs[0], *cand)
+    grads = jax.jit(jax.grad(lambda *ys: jnp.sum(positives(*ys)), argnums=tuple(range(k))))(
         xs[0], *cand
     )
     g = np.stack([np.asarray(grads[0])] + [np.asarray(gm)[: x.shape[0]] for gm in grads[1:]], 1)
@@ -111,7 +115,11 @@ def case(k: int, d: int, per_decade: int, seed: int, x64: bool) -> dict:
     extra = clustered(rng, 7, k - 1, d, np.ones(7))  # extra random candidates: B2 != B1
     extra = [extra[:, m] for m in range(k - 1)]
     vol64, g64 = reference(x)
-    out = {"ours": _ours(np.float32, x, extra), "authors": authors(x)}
+    out = {
+        "ours": _ours(np.float32, x, extra),
+        "ours_refine0": _ours(np.float32, x, extra, refine=0),
+        "authors": authors(x),
+    }
     out["adjugate"] = (
         np.diagonal(np.asarray(adjugate_volume(x[:, 0], *[x[:, m] for m in range(1, k)]))),
         None,
@@ -174,6 +182,15 @@ def loss_case(k: int, d: int, batch: int, seed: int, score: str) -> dict:
     return {"k": k, "D": d, "decades": rows}
 
 
+LABELS = {
+    "ours": "ours (refine=1, default)",
+    "ours_refine0": "dot-product form (refine=0)",
+    "authors": "authors' LU",
+    "adjugate": "previous (adjugate)",
+    "ours_x64": "ours, float64 inputs",
+}
+
+
 def markdown(results: list[dict], names: list[str]) -> str:
     lines = []
     for d in sorted({r["D"] for r in results}):
@@ -188,7 +205,8 @@ def markdown(results: list[dict], names: list[str]) -> str:
                     if all(c is None for c in cells):
                         continue
                     txt = ["" if c is None else f"{c:.1e}" for c in cells]
-                    lines.append(f"| {r['k']} | {name} {q} | " + " | ".join(txt) + " |")
+                    label = LABELS.get(name, name) if "adjugate" in names else name
+                    lines.append(f"| {r['k']} | {label} {q} | " + " | ".join(txt) + " |")
     return "\n".join(lines)
 
 
@@ -207,7 +225,7 @@ def main(argv=None) -> None:
         what = f"float32 {args.score} loss precision"
     else:
         results = [case(k, d, args.per_decade, seed=100 * k + d, x64=args.x64) for k, d in grid]
-        names = ["ours", "authors", "adjugate"] + (["ours_x64"] if args.x64 else [])
+        names = ["ours", "ours_refine0", "authors", "adjugate"] + (["ours_x64"] if args.x64 else [])
         what = "float32 volume precision"
     if args.markdown:
         print(markdown(results, names))

@@ -293,14 +293,16 @@ def gram_contrastive_loss(
     # Per score: the engine's columns (from the candidates), the pairwise score of a tile, and
     # the per-item score of its positives (the diagonal), which keeps float32 accuracy on
     # aligned positives where the pairwise form, built from dot products, cannot
-    # (docs/precision.md). The volume's columns are the candidates' Gram-Schmidt terms, made
-    # once per device: their backward then runs once on the summed cotangent, not once per
-    # tile before the tiles' contributions cancel (which costs the ring ~1e-5 at 1 x 1 tiles).
+    # (docs/precision.md); the negatives are not refined (their volumes are ~1, and a tile's
+    # smallest entry is the positive that the per-item score replaces). The volume's columns
+    # are the candidates' Gram-Schmidt terms, made once per device: their backward then runs
+    # once on the summed cotangent, not once per tile before the tiles' contributions cancel
+    # (which costs the ring ~1e-5 at 1 x 1 tiles).
     vg = volume_gradient
     pair = {
         "volume": (
             score_lib.volume_terms,
-            lambda a, t: score_lib.volume_block(a, t, vg),
+            lambda a, t: score_lib.volume_block(a, t, vg, refine=0),
             lambda a, t: score_lib.volume_item(a, t, vg),
         ),
         "simplex": (

@@ -42,7 +42,10 @@ from gram_jax.volume import (
     anchor_residual,
     candidate_gram,
     gram_det_block,
+    gram_det_pairs,
     pow2_rows,
+    refine_smallest,
+    residual_key,
     safe_sqrt,
     simplex_candidate,
     simplex_det_block,
@@ -101,11 +104,24 @@ def volume_terms(others):
 
 
 def volume_block(
-    anchor: Float[Array, "R D"], terms, gradient: GradientMode = "safe"
+    anchor: Float[Array, "R D"], terms, gradient: GradientMode = "safe", refine: int = 1
 ) -> Float[Array, "R C"]:
+    """Volumes of anchor rows against a block of candidates' :func:`volume_terms`, each row's
+    ``refine`` smallest rescored per item (:func:`gram_jax.volume.refine_smallest`), as
+    :func:`gram_jax.volume.pairwise_volume` does."""
     basis, det, fc = terms
     anchor, fa = pow2_rows(anchor)
-    return _sqrt(gram_det_block(anchor, basis, det), gradient) * fa[:, None] * fc[None, :]
+    out = _sqrt(gram_det_block(anchor, basis, det), gradient) * fa[:, None] * fc[None, :]
+    if refine:
+
+        def rescore(cols):
+            return (
+                _sqrt(gram_det_pairs(anchor, basis, det, cols), gradient) * fa[:, None] * fc[cols]
+            )
+
+        key = residual_key(out, _sqrt(det, gradient)[None, :] * fc[None, :])
+        out = refine_smallest(out, rescore, refine, key)
+    return out
 
 
 def volume_item(

@@ -29,9 +29,12 @@ volume squared and lost every digit on aligned tuples; here the only cancellatio
 one no method built on float32 dot products avoids: ``d_ij`` is the difference of O(1) dot
 products, so it carries an absolute error ``~ sqrt(D) eps`` and a volume is accurate to
 ``~ 4 sqrt(D) eps / dist^2`` relative (k = 2: nothing below ``vol ~ 1e-3`` at D = 512 is
-resolvable in float32; ``docs/precision.md`` has the table by decade, the floor per k and the
-float64 recipe). :func:`gram_volume` (one item at a time) does the anchor's step in D-space as
-well and has no such floor.
+resolvable from dot products in float32). So each anchor's nearest candidate (the smallest
+``d_ij``: an aligned positive, a retrieval's top match) is rescored per item (``refine=1``,
+:func:`refine_smallest`): the anchor's residual off that candidate's basis in D-space, as
+:func:`gram_volume` does, accurate to ``~ eps / dist`` relative, for one extra read of the
+(B1, B2) result. ``docs/precision.md`` has the tables by decade for both forms and the
+float64 recipe.
 
 **Missing modalities.** ``present_anchor`` / ``present_others`` masks drop a vector from the
 Gram matrix (its row and column become the identity's), so the volume is that of the pair's
@@ -64,12 +67,13 @@ by up to 0.4 points.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 __all__ = [
     "GradientMode",
@@ -81,6 +85,9 @@ __all__ = [
     "candidate_gram",
     "CandidateGram",
     "anchor_residual",
+    "gram_det_pairs",
+    "refine_smallest",
+    "residual_key",
     "gram_det_block",
     "masked_pairwise_volume",
     "to_blocks",
@@ -122,6 +129,13 @@ def _safe_sqrt_jvp(primals, tangents):
     # The inner where keeps 1/sqrt from being evaluated at 0 (0 * inf = NaN in the tangent).
     slope = jnp.where(positive, 0.5 / jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
     return y, slope * dx
+
+
+def _check_refine(refine) -> None:
+    if isinstance(refine, bool) or not isinstance(refine, numbers.Integral) or refine < 0:
+        raise ValueError(
+            f"refine must be an int >= 0 (pairs recomputed per anchor), got {refine!r}"
+        )
 
 
 def _check_gradient_mode(gradient: str) -> None:
@@ -414,6 +428,86 @@ def anchor_residual(
     return d
 
 
+def gram_det_pairs(
+    anchor: Float[Array, "R D"],
+    basis: Sequence[Float[Array, "C D"]],
+    det_m: Float[Array, " C"],
+    cols: Int[Array, "R m"],
+    present_anchor: Bool[Array, " R"] | None = None,
+) -> Float[Array, "R m"]:
+    """``det G_ij`` of anchor row i with the candidates ``cols[i]`` only, the anchor's step in
+    D-space: ``det(M_j) |a_i - sum_r (a_i . q_jr) q_jr|^2`` (Gram-Schmidt twice, what
+    :func:`gram_volume` does per item), float32-accurate at any volume, where
+    :func:`anchor_residual`'s dot-product form is not. O(R m k D)."""
+    r = _project_out(anchor[:, None, :], [q[cols] for q in basis])
+    d = _dot(r, r)
+    if present_anchor is not None:
+        d = jnp.where(present_anchor[:, None], d, 1.0)
+    return det_m[cols] * d
+
+
+def _row_argmin(d: Float[Array, "R C"], block: int = 128) -> Array:
+    """``jnp.argmin(d, axis=1)`` (first of equal minima) in two stages: the minimum of each
+    block of 128 columns, the first block holding the row's minimum, the argmin inside it.
+
+    XLA:CPU lowers ``argmin`` to a variadic (value, index) reduction that runs ~7x slower than
+    a plain ``min`` over the same (2048, 2048) array (10 ms vs 1.4 ms on two cores), which
+    alone cost ``pairwise_volume`` 15 % of the GEMM floor; the two-stage form reads ``d`` once
+    with ``min`` and runs the variadic reduction on (R, C / 128) and (R, 128) only.
+    """
+    r, c = d.shape
+    nb = c // block
+    if nb < 2:
+        return jnp.argmin(d, axis=1)
+    blocks = d[:, : nb * block].reshape(r, nb, block)
+    first = jnp.argmin(jnp.min(blocks, axis=2), axis=1)
+    inside = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]
+    idx = first * block + jnp.argmin(inside, axis=1)
+    if nb * block == c:
+        return idx
+    tail = nb * block + jnp.argmin(d[:, nb * block :], axis=1)
+    at = jnp.take_along_axis  # the tail wins only when strictly smaller: first of equal minima
+    return jnp.where(at(d, tail[:, None], 1)[:, 0] < at(d, idx[:, None], 1)[:, 0], tail, idx)
+
+
+def residual_key(
+    scores: Float[Array, "R C"], candidate_part: Float[Array, "1 C"]
+) -> Float[Array, "R C"]:
+    """``scores / candidate_part``, ``inf`` where the candidate part is 0: for a volume
+    ``vol(C_j) dist(a_i, span C_j)`` (``candidate_part = vol(C_j)``) a monotone function of
+    ``d_ij``, the quantity whose dot-product form loses precision when small. Selecting by it
+    (:func:`refine_smallest`) rescores each anchor's nearest spans, not the candidates whose
+    own volume is small (a hub's volume is small for every anchor, and accurate).
+    """
+    return jnp.where(candidate_part > 0, scores / candidate_part, jnp.inf)
+
+
+def refine_smallest(
+    scores: Float[Array, "R C"],
+    exact: Callable[[Array], Array],
+    m: int = 1,
+    key: Float[Array, "R C"] | None = None,
+) -> Float[Array, "R C"]:
+    """``scores`` with the ``m`` entries of each row of smallest ``key`` (default: ``scores``)
+    replaced by ``exact(cols)``.
+
+    ``cols`` (R, m) are those entries' columns (``m = 1``: the first of equal minima);
+    ``exact(cols) -> (R, m)`` rescores the pairs. Cost: one read of ``key`` (an elementwise
+    expression of ``scores`` fuses into it), the O(R m) rescoring and an in-place scatter;
+    differentiable (the selection is a constant).
+    """
+    m = min(int(m), scores.shape[1])
+    if m <= 0:
+        return scores
+    key = jax.lax.stop_gradient(scores if key is None else key)
+    if m == 1:
+        cols = _row_argmin(key)[:, None]
+    else:
+        cols = jax.lax.top_k(-key, m)[1]
+    rows = jnp.arange(scores.shape[0])[:, None]
+    return scores.at[rows, cols].set(exact(cols).astype(scores.dtype), unique_indices=True)
+
+
 def gram_det_block(
     anchor: Float[Array, "R D"],
     basis: Sequence[Float[Array, "C D"]],
@@ -477,8 +571,9 @@ def _pairwise_blocks(block_fn, anchor, present_anchor, cols, chunk_size):
 
 
 def _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others):
-    """``(det_s, fa, fc)`` with ``det G = det_s (fa fc)^2``: :func:`pairwise_gram_det` of the
-    :func:`pow2_rows`-scaled vectors and the (B1, 1) / (1, B2) factors."""
+    """``(det_s, fa, fc, det_m, pair_det)`` with ``det G = det_s (fa fc)^2``: the (B1, B2) Gram
+    determinants of the :func:`pow2_rows`-scaled vectors, the (B1, 1) / (1, B2) factors, the
+    (1, B2) ``det M_j``, and ``pair_det(cols)``, :func:`gram_det_pairs` of the same vectors."""
     validate_pairwise_inputs(anchor, others)
     pa = _check_present("present_anchor", present_anchor, anchor.shape[0])
     present = _check_present_others(present_others, others)
@@ -490,7 +585,12 @@ def _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others)
         return gram_det_block(a_rows, *cols, p_rows)
 
     det = _pairwise_blocks(block, anchor, pa, (cand.basis, cand.det), chunk_size)
-    return det, fa[:, None], _product([f for _, f in scaled])[None, :]
+
+    def pair_det(cols):
+        return gram_det_pairs(anchor, cand.basis, cand.det, cols, pa)
+
+    fc = _product([f for _, f in scaled])[None, :]
+    return det, fa[:, None], fc, cand.det[None, :], pair_det
 
 
 def pairwise_gram_det(
@@ -499,6 +599,7 @@ def pairwise_gram_det(
     chunk_size: int | tuple[int | None, int | None] | None = None,
     present_anchor: Bool[Array, " B1"] | None = None,
     present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
+    refine: int = 1,
 ) -> Float[Array, "B1 B2"]:
     """Gram determinant ``det G_ij`` (squared volume) for every anchor i and candidate j.
 
@@ -516,12 +617,24 @@ def pairwise_gram_det(
       present_others: optional, per other modality a (B2,) bool mask or None. A missing vector
         drops out of the Gram matrix: ``det G_ij`` is the Gram determinant of the present
         vectors of the pair (its row and column are replaced by the identity's).
+      refine: per anchor, the ``refine`` candidates of smallest ``d_ij`` (the nearest spans;
+        :func:`residual_key`) are rescored per item, the anchor's step in D-space
+        (:func:`gram_det_pairs` via :func:`refine_smallest`): float32-accurate at any
+        volume, where the dot-product form of the other pairs is accurate to
+        ``~ 4 sqrt(D) eps / d_ij`` relative (``docs/precision.md``). ``0``: off.
 
     Returns:
       (B1, B2) determinants (>= 0 up to rounding).
     """
-    det, fa, fc = _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others)
-    return det * fa * fc * fa * fc
+    return pairwise_volume(
+        anchor,
+        *others,
+        squared=True,
+        chunk_size=chunk_size,
+        present_anchor=present_anchor,
+        present_others=present_others,
+        refine=refine,
+    )
 
 
 def pairwise_volume(
@@ -532,6 +645,7 @@ def pairwise_volume(
     chunk_size: int | tuple[int | None, int | None] | None = None,
     present_anchor: Bool[Array, " B1"] | None = None,
     present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
+    refine: int = 1,
 ) -> Float[Array, "B1 B2"]:
     """Volume of anchor i with candidate j's k - 1 vectors, for all pairs: ``(B1, B2)``.
 
@@ -548,11 +662,25 @@ def pairwise_volume(
       chunk_size: optional row / column block size (see :func:`pairwise_gram_det`).
       present_anchor, present_others: optional presence masks (see :func:`pairwise_gram_det`):
         the volume is then the volume spanned by the pair's present vectors only.
+      refine: how many pairs per anchor are rescored per item (default 1: the candidate
+        whose span is nearest, e.g. an aligned positive; see :func:`pairwise_gram_det`).
+        With ``chunk_size`` too, the nearest of the whole row.
     """
     _check_gradient_mode(gradient)
-    det, fa, fc = _scaled_gram_det(anchor, others, chunk_size, present_anchor, present_others)
-    # The square root before the factors: the volume is representable long after det G is not.
-    return det * fa * fc * fa * fc if squared else _sqrt(det, gradient) * fa * fc
+    _check_refine(refine)
+    det, fa, fc, det_m, pair_det = _scaled_gram_det(
+        anchor, others, chunk_size, present_anchor, present_others
+    )
+
+    def finish(det, fa, fc):
+        # The square root before the factors: the volume is representable long after det G.
+        return det * fa * fc * fa * fc if squared else _sqrt(det, gradient) * fa * fc
+
+    out = finish(det, fa, fc)
+    if refine:
+        key = residual_key(out, finish(det_m, 1.0, fc))
+        out = refine_smallest(out, lambda c: finish(pair_det(c), fa, fc[0][c]), refine, key)
+    return out
 
 
 def masked_pairwise_volume(
@@ -560,6 +688,7 @@ def masked_pairwise_volume(
     others: Sequence[Float[Array, "B2 D"]],
     present_others: Sequence[Bool[Array, " B2"] | None] | None = None,
     present_anchor: Bool[Array, " B1"] | None = None,
+    refine: int = 1,
 ) -> Float[Array, "B1 B2"]:
     """:func:`pairwise_volume` with the candidates as a list and presence masks (GramModel).
 
@@ -570,7 +699,11 @@ def masked_pairwise_volume(
     k-volume of the same item.
     """
     return pairwise_volume(
-        anchor, *others, present_anchor=present_anchor, present_others=present_others
+        anchor,
+        *others,
+        present_anchor=present_anchor,
+        present_others=present_others,
+        refine=refine,
     )
 
 
