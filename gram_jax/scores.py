@@ -39,7 +39,6 @@ from gram_jax.volume import (
     _product,
     _project_out,
     _sqrt,
-    anchor_residual,
     candidate_gram,
     gram_det_block,
     gram_det_pairs,
@@ -49,7 +48,8 @@ from gram_jax.volume import (
     safe_sqrt,
     simplex_candidate,
     simplex_det_block,
-    span_basis,
+    span_distance_block,
+    span_terms,
 )
 
 __all__ = [
@@ -145,7 +145,7 @@ def _simplex_block(anchor: Float[Array, "R D"], terms) -> Float[Array, "R C"]:
 register_score("volume", ScoreSpec(volume_terms, volume_block, True))
 register_score(
     "span_distance",
-    ScoreSpec(lambda o: span_basis(*o), lambda a, t: safe_sqrt(anchor_residual(a, t)), True),
+    ScoreSpec(lambda o: span_terms(*o), span_distance_block, True),
 )
 register_score("cosine", ScoreSpec(lambda o: o[0], _gemm, False))
 register_score("simplex", ScoreSpec(lambda o: tuple(simplex_candidate(*o)), _simplex_block, True))

@@ -82,6 +82,9 @@ __all__ = [
     "pairwise_gram_det",
     "span_distance",
     "span_basis",
+    "span_terms",
+    "span_distance_pairs",
+    "span_distance_block",
     "candidate_gram",
     "CandidateGram",
     "anchor_residual",
@@ -718,9 +721,59 @@ def span_basis(*others: Float[Array, "B2 D"], ridge: float = 1e-6) -> list[Float
     inverting ``M_j = C_j C_j^T`` avoids squaring the condition number. Every step is smooth
     for ``ridge > 0``; ``ridge = 0`` is the exact basis of :func:`candidate_gram`.
     """
+    return span_terms(*others, ridge=ridge)[0]
+
+
+def span_terms(
+    *others: Float[Array, "B2 D"], ridge: float = 1e-6
+) -> tuple[list[Float[Array, "B2 D"]], Float[Array, "B2 n"]]:
+    """``(w, shrink)``: :func:`span_basis`'s ``w_r`` and ``shrink_r = 1 - |w_r|^2 = ridge /
+    (|r_r|^2 + ridge)`` (0 for ``ridge = 0``), exactly rather than from ``w_r . w_r``, so that
+    :func:`span_distance_pairs` can write the regularised distance in D-space."""
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    return _orthogonalise(others, [None] * len(others), ridge=ridge)[0]
+    w, pivots = _orthogonalise(others, [None] * len(others), ridge=ridge)
+    shrink = [ridge / (p + ridge) if ridge > 0 else jnp.zeros_like(p) for p in pivots]
+    return w, jnp.stack(shrink, -1)
+
+
+def span_distance_pairs(
+    anchor: Float[Array, "R D"],
+    terms: tuple[Sequence[Float[Array, "C D"]], Float[Array, "C n"]],
+    cols: Int[Array, "R m"],
+) -> Float[Array, "R m"]:
+    """``dist^2`` of anchor row i to the spans of candidates ``cols[i]`` in D-space.
+
+    With unit ``q_r = w_r / |w_r|`` and ``c_r = a . q_r``, the regularised ``a.a - sum_r (a .
+    w_r)^2`` is ``|a - sum_r c_r q_r|^2 + sum_r c_r^2 shrink_r``: a backward-stable residual
+    (Gram-Schmidt twice) plus a non-negative term, with no difference of O(1) products.
+    """
+    w, shrink = terms
+    sh = shrink[cols]  # (R, m, n)
+    qs = []
+    for r, wr in enumerate(w):
+        keep = sh[..., r] < 1.0  # |w_r| > 0
+        scale = jax.lax.rsqrt(jnp.where(keep, 1.0 - sh[..., r], 1.0))
+        qs.append(jnp.where(keep[..., None], wr[cols] * scale[..., None], 0.0))
+    a = anchor[:, None, :]
+    res = _project_out(a, qs)
+    extra = sum(_dot(a, q) ** 2 * sh[..., r] for r, q in enumerate(qs))
+    return _dot(res, res) + extra
+
+
+def span_distance_block(
+    anchor: Float[Array, "R D"], terms, squared: bool = False, refine: int = 1
+) -> Float[Array, "R C"]:
+    """:func:`span_distance` of anchor rows against a block of candidates' :func:`span_terms`:
+    :func:`anchor_residual` against ``w``, each row's ``refine`` nearest rescored in D-space
+    (:func:`span_distance_pairs` via :func:`refine_smallest`)."""
+    return _span_finish(anchor_residual(anchor, terms[0]), anchor, terms, squared, refine)
+
+
+def _span_finish(d2, anchor, terms, squared: bool, refine: int):
+    if refine:
+        d2 = refine_smallest(d2, lambda c: span_distance_pairs(anchor, terms, c), refine)
+    return jnp.maximum(d2, 0.0) if squared else safe_sqrt(d2)
 
 
 def span_distance(
@@ -729,6 +782,7 @@ def span_distance(
     squared: bool = False,
     ridge: float = 1e-6,
     chunk_size: int | tuple[int | None, int | None] | None = None,
+    refine: int = 1,
 ) -> Float[Array, "B1 B2"]:
     """Distance from anchor i to the span of candidate j's k - 1 vectors: ``(B1, B2)``.
 
@@ -743,17 +797,22 @@ def span_distance(
       anchor: (B1, D).
       *others: k - 1 >= 1 arrays (B2, D).
       squared: return ``dist^2`` (clamped at 0).
-      ridge: regulariser of the Gram-Schmidt normalisation (>= 0).
+      ridge: regulariser of the Gram-Schmidt normalisation (>= 0). It also sets the smallest
+        distance the score tells apart: ``dist^2 >= ~ridge`` for an anchor in the span.
       chunk_size: optional row / column block size (see :func:`pairwise_gram_det`).
+      refine: per anchor, the ``refine`` nearest candidates are rescored in D-space
+        (:func:`span_distance_pairs`; the whole row's nearest, also with ``chunk_size``),
+        as :func:`pairwise_volume` does. ``0``: off.
     """
     validate_pairwise_inputs(anchor, others)
-    basis = span_basis(*others, ridge=ridge)
+    _check_refine(refine)
+    terms = span_terms(*others, ridge=ridge)
 
     def block(a_rows, _, cols):
         return anchor_residual(a_rows, cols)
 
-    d2 = _pairwise_blocks(block, anchor, None, basis, chunk_size)
-    return jnp.maximum(d2, 0.0) if squared else safe_sqrt(d2)
+    d2 = _pairwise_blocks(block, anchor, None, terms[0], chunk_size)
+    return _span_finish(d2, anchor, terms, squared, refine)
 
 
 # ---------------------------------------------------------------------------------------------
