@@ -175,8 +175,7 @@ def test_aligned_tuples_by_decade(k, d):
         assert gerr[sel].max() <= a_gerr[sel].max() + 1e-6, lo
 
 
-@pytest.mark.parametrize("d", [16, 512])
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize(("k", "d"), [(2, 512), (4, 16)])
 def test_dot_product_form_by_decade(k, d):
     """``refine=0``, the accuracy of the pairs that are not rescored: the float32 floor
     ``4 sqrt(D) eps / dist^2`` (module docstring)."""
@@ -209,8 +208,7 @@ def test_refine_rescores_the_nearest_span_not_the_smallest_volume():
     assert np.max(np.abs(np.diagonal(plain) - vol64) / vol64) > 10 * np.max(item_bound(dist64))
 
 
-@pytest.mark.parametrize("ridge", [0.0, 1e-6])
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize(("k", "ridge"), [(2, 0.0), (2, 1e-6), (3, 1e-6)])
 def test_span_distance_of_aligned_tuples(k, ridge):
     """``span_distance`` rescores each anchor's nearest span in D-space too: its positives
     against the same function in float64 (the same ``ridge``) within the per-item bound, where
