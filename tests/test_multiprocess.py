@@ -152,6 +152,7 @@ def test_process_env_and_bad_arguments():
 CI_STEPS = 3
 
 
+@pytest.mark.multiprocess  # ~80 s of real processes: .ci/run's marker step, not the default run
 def test_two_processes_match_one(tmp_path, data_dir):
     """2 x 4 logs the losses of 1 x 8 (same examples and augmentations at every step);
     only process 0 writes metrics.jsonl (one row per step)."""
