@@ -29,8 +29,8 @@ the loss value, for
 
 - ``ours``: :func:`gram_jax.gram_contrastive_loss` (its positives, the diagonal, come from the
   per-item volume; ``--score simplex``: the simplex loss);
-- ``pairwise``: the same loss on the whole ``pairwise_volume`` matrix, diagonal included (the
-  evaluation before the per-item positives);
+- ``pairwise``: the same loss on the whole ``pairwise_volume(..., refine=0)`` matrix, diagonal
+  included (the evaluation before the per-item positives);
 - ``authors``: the loss on the authors' formulation in JAX float32 ((B, B, k, k) Gram tensor,
   ``jnp.linalg.det``, ``sqrt(abs)``; ``benchmarks/volume_bench.py``'s ``dense_volume``);
 
@@ -39,6 +39,7 @@ against the same loss in float64 (jax x64) on the same float32 inputs.
     python benchmarks/volume_precision.py            # JSON on stdout
     python benchmarks/volume_precision.py --markdown # the tables of docs/precision.md
     python benchmarks/volume_precision.py --loss --markdown
+    python benchmarks/volume_precision.py --span     # span_distance's positives, by ridge
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gram_jax.losses import gram_contrastive_loss
-from gram_jax.volume import pairwise_volume
+from gram_jax.volume import pairwise_volume, span_distance
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from volume_bench import TAU, _loss_from_volume, adjugate_volume, dense_volume  # noqa: E402
@@ -146,13 +147,30 @@ def case(k: int, d: int, per_decade: int, seed: int, x64: bool) -> dict:
     return {"k": k, "D": d, "decades": rows}
 
 
+def span_case(k: int, d: int, n: int, seed: int) -> dict:
+    """``span_distance`` of ``n`` aligned positives against itself in float64 (same ridge):
+    max relative error with and without the per-item rescoring, per ridge."""
+    rng = np.random.default_rng(seed)
+    x = clustered(rng, n, k, d, (10.0 ** rng.uniform(-4, -0.5, n)) ** (1.0 / (k - 1)))
+    a, others = x[:, 0], [x[:, m] for m in range(1, k)]
+    out = {"k": k, "D": d}
+    for ridge in (0.0, 1e-6):
+        with jax.enable_x64(True):
+            ref = span_distance(jnp.float64(a), *[jnp.float64(o) for o in others], ridge=ridge)
+            ref = np.diagonal(np.asarray(ref))
+        for refine in (1, 0):
+            v = np.diagonal(np.asarray(span_distance(a, *others, ridge=ridge, refine=refine)))
+            out[f"ridge={ridge:g}/refine={refine}"] = float(np.max(np.abs(v - ref) / ref))
+    return out
+
+
 def _loss_fns(score: str):
     def ours(a, *o):
         return gram_contrastive_loss(a, list(o), TAU, score=score)[0]
 
     fns = {"ours": ours}
     if score == "volume":
-        fns["pairwise"] = lambda a, *o: _loss_from_volume(pairwise_volume(a, *o))
+        fns["pairwise"] = lambda a, *o: _loss_from_volume(pairwise_volume(a, *o, refine=0))
         fns["authors"] = lambda a, *o: _loss_from_volume(dense_volume(a, *o))
     return fns
 
@@ -217,8 +235,13 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--loss", action="store_true", help="the loss's value and gradient")
     parser.add_argument("--score", default="volume", choices=["volume", "simplex"])
+    parser.add_argument("--span", action="store_true", help="span_distance's positives")
     args = parser.parse_args(argv)
     grid = [(k, d) for d in (16, 512) for k in (2, 3, 4, 5)]
+    if args.span:
+        results = [span_case(k, 512, 40, seed=k + 512) for k in (2, 3, 4)]
+        print(json.dumps({"benchmark": "float32 span_distance precision", "results": results}))
+        return
     if args.loss:
         results = [loss_case(k, d, 32, seed=100 * k + d, score=args.score) for k, d in grid]
         names = list(_loss_fns(args.score))

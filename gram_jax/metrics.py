@@ -174,9 +174,12 @@ def _block_scores(score: ScoreKind, anchor: Array, terms) -> Array:
     """(R, C) scores of anchor rows against a block of candidates' terms.
 
     The one score kernel of both :func:`retrieval_scores` (one block) and
-    :func:`chunked_retrieval`, so a pair (and a duplicated item) scores bit for bit alike in
-    both: the block function of the score table :data:`gram_jax.scores.SCORES` (the volume on
-    :func:`~gram_jax.volume.pow2_rows`-scaled rows, so huge inputs do not overflow).
+    :func:`chunked_retrieval`: the block function of the score table
+    :data:`gram_jax.scores.SCORES` (the volume on :func:`~gram_jax.volume.pow2_rows`-scaled
+    rows, so huge inputs do not overflow). A duplicated item scores bit for bit alike in both
+    (distinct rows are scored once). The volume scores rescore each row's nearest candidate
+    of a block per item, so a chunked run can rescore pairs a dense one leaves in the
+    dot-product form; a query's positive, when it is its nearest, is rescored in both.
     """
     return get_score(score).block(anchor, terms)
 

@@ -4,9 +4,12 @@ A score ``s(a_i, C_j)`` is split into per-candidate terms, computed once per can
 block kernel that scores anchor rows against a block of candidates' terms. Retrieval
 (:mod:`gram_jax.metrics`, dense or chunked), the GRAM loss (:mod:`gram_jax.losses`: the terms
 made once per device and streamed through the engine's tiles) and ``config.eval.scores`` all
-read :data:`SCORES`, so a pair scores bit for bit alike everywhere. The one exception is by
-design: the contrastive losses score their positives, the diagonal, per item
-(:func:`volume_item`), float32-accurate on aligned tuples (``docs/precision.md``).
+read :data:`SCORES`, so a pair scores alike everywhere. Two exceptions are by design, both
+for float32 accuracy on aligned tuples (``docs/precision.md``): the contrastive losses score
+their positives, the diagonal, per item (:func:`volume_item`); the ``volume`` and
+``span_distance`` blocks rescore each row's nearest candidate per item (``refine``), per
+block, so a chunked retrieval may rescore more pairs than a dense one (those differ from
+their dot-product value in the last bits, by at most the float32 floor).
 
 ========== ===================================================== ============ ===============
 name       score                                                 better       terms
@@ -25,6 +28,7 @@ symile     Symile's MIP ``sum_d a_id prod_m c_jmd``              higher       pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,8 +47,7 @@ from gram_jax.volume import (
     gram_det_block,
     gram_det_pairs,
     pow2_rows,
-    refine_smallest,
-    residual_key,
+    refine_nearest_volumes,
     safe_sqrt,
     simplex_candidate,
     simplex_det_block,
@@ -107,20 +110,19 @@ def volume_block(
     anchor: Float[Array, "R D"], terms, gradient: GradientMode = "safe", refine: int = 1
 ) -> Float[Array, "R C"]:
     """Volumes of anchor rows against a block of candidates' :func:`volume_terms`, each row's
-    ``refine`` smallest rescored per item (:func:`gram_jax.volume.refine_smallest`), as
-    :func:`gram_jax.volume.pairwise_volume` does."""
+    ``refine`` nearest rescored per item, as :func:`gram_jax.volume.pairwise_volume` does
+    (:func:`gram_jax.volume.refine_nearest_volumes`)."""
     basis, det, fc = terms
     anchor, fa = pow2_rows(anchor)
-    out = _sqrt(gram_det_block(anchor, basis, det), gradient) * fa[:, None] * fc[None, :]
+    fa, fc, det_m = fa[:, None], fc[None, :], det[None, :]
+
+    def finish(det, fa, fc):
+        return _sqrt(det, gradient) * fa * fc
+
+    out = finish(gram_det_block(anchor, basis, det), fa, fc)
     if refine:
-
-        def rescore(cols):
-            return (
-                _sqrt(gram_det_pairs(anchor, basis, det, cols), gradient) * fa[:, None] * fc[cols]
-            )
-
-        key = residual_key(out, _sqrt(det, gradient)[None, :] * fc[None, :])
-        out = refine_smallest(out, rescore, refine, key)
+        pair_det = functools.partial(gram_det_pairs, anchor, basis, det)
+        out = refine_nearest_volumes(out, finish, det_m, fa, fc, pair_det, refine)
     return out
 
 

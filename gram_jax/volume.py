@@ -90,6 +90,7 @@ __all__ = [
     "anchor_residual",
     "gram_det_pairs",
     "refine_smallest",
+    "refine_nearest_volumes",
     "residual_key",
     "gram_det_block",
     "masked_pairwise_volume",
@@ -454,9 +455,9 @@ def _row_argmin(d: Float[Array, "R C"], block: int = 128) -> Array:
     block of 128 columns, the first block holding the row's minimum, the argmin inside it.
 
     XLA:CPU lowers ``argmin`` to a variadic (value, index) reduction that runs ~7x slower than
-    a plain ``min`` over the same (2048, 2048) array (10 ms vs 1.4 ms on two cores), which
-    alone cost ``pairwise_volume`` 15 % of the GEMM floor; the two-stage form reads ``d`` once
-    with ``min`` and runs the variadic reduction on (R, C / 128) and (R, 128) only.
+    a plain ``min`` over the same (2048, 2048) array (10 ms vs 1.4 ms on two cores; about 9 %
+    of the k = 4 GEMM floor); the two-stage form reads the array once with ``min`` and runs
+    the variadic reduction on (R, C / 128) and (R, 128) only.
     """
     r, c = d.shape
     nb = c // block
@@ -496,8 +497,8 @@ def refine_smallest(
 
     ``cols`` (R, m) are those entries' columns (``m = 1``: the first of equal minima);
     ``exact(cols) -> (R, m)`` rescores the pairs. Cost: one read of ``key`` (an elementwise
-    expression of ``scores`` fuses into it), the O(R m) rescoring and an in-place scatter;
-    differentiable (the selection is a constant).
+    expression of ``scores`` fuses into it), the O(R m) rescoring and the scatter (XLA:CPU
+    writes it as one pass over the output); differentiable (the selection is a constant).
     """
     m = min(int(m), scores.shape[1])
     if m <= 0:
@@ -509,6 +510,26 @@ def refine_smallest(
         cols = jax.lax.top_k(-key, m)[1]
     rows = jnp.arange(scores.shape[0])[:, None]
     return scores.at[rows, cols].set(exact(cols).astype(scores.dtype), unique_indices=True)
+
+
+def refine_nearest_volumes(
+    out: Float[Array, "R C"],
+    finish: Callable[[Array, Array, Array], Array],
+    det_m: Float[Array, "1 C"],
+    fa: Float[Array, "R 1"],
+    fc: Float[Array, "1 C"],
+    pair_det: Callable[[Array], Array],
+    refine: int,
+) -> Float[Array, "R C"]:
+    """``out = finish(det_s, fa, fc)`` with each row's ``refine`` nearest candidates (smallest
+    ``d_ij``, :func:`residual_key`) rescored as ``finish(pair_det(cols), fa, fc[cols])``.
+
+    The one refinement of the pairwise volumes (:func:`pairwise_volume`, the ``volume``
+    retrieval score): ``finish`` maps scaled determinants and the :func:`pow2_rows` factors
+    to the output (volume or determinant), ``pair_det(cols)`` is :func:`gram_det_pairs`.
+    """
+    key = residual_key(out, finish(det_m, jnp.ones((), out.dtype), fc))
+    return refine_smallest(out, lambda c: finish(pair_det(c), fa, fc[0][c]), refine, key)
 
 
 def gram_det_block(
@@ -681,8 +702,7 @@ def pairwise_volume(
 
     out = finish(det, fa, fc)
     if refine:
-        key = residual_key(out, finish(det_m, 1.0, fc))
-        out = refine_smallest(out, lambda c: finish(pair_det(c), fa, fc[0][c]), refine, key)
+        out = refine_nearest_volumes(out, finish, det_m, fa, fc, pair_det, refine)
     return out
 
 
