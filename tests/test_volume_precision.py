@@ -97,12 +97,13 @@ def _positives(anchor, *others, refine=1):
 
 
 def _total(anchor, *others, refine=1):
-    return jnp.sum(_positives(anchor, *others, refine=refine))
+    vol = _positives(anchor, *others, refine=refine)
+    return jnp.sum(vol), vol
 
 
-_value = jax.jit(_positives, static_argnames="refine")
+# One compilation per (k, refine) gives both the volumes (aux) and their gradients.
 _GRADS = {
-    k: jax.jit(jax.grad(_total, argnums=tuple(range(k))), static_argnames="refine")
+    k: jax.jit(jax.grad(_total, argnums=tuple(range(k)), has_aux=True), static_argnames="refine")
     for k in range(2, 6)
 }
 
@@ -115,8 +116,8 @@ def ours(x: np.ndarray, rng, refine: int = 1):
     k = x.shape[1]
     extra = clustered(rng, EXTRA, k - 1, x.shape[2], 1.0)
     args = [x[:, 0]] + [np.concatenate([x[:, m], extra[:, m - 1]]) for m in range(1, k)]
-    vol = np.asarray(_value(*args, refine=refine), np.float64)
-    grads = _GRADS[k](*args, refine=refine)
+    grads, vol = _GRADS[k](*args, refine=refine)
+    vol = np.asarray(vol, np.float64)
     b = x.shape[0]
     g = np.stack([np.asarray(grads[0])] + [np.asarray(gm)[:b] for gm in grads[1:]], 1)
     return vol, g.astype(np.float64)
