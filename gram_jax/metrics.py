@@ -93,19 +93,18 @@ def check_finite_rows(name: str, x) -> None:
 
 
 def _count_beating(
-    block: Array, positive: Array, lower_is_better: bool, ties: Ties, valid: Array, weight=1
+    block: Array, positive: Array, lower_is_better: bool, pessimistic, valid: Array, weight=1
 ) -> Array:
     """Per row: how many entries of ``block`` (R, C) where ``valid`` beat ``positive`` (R,),
     each counted ``weight`` (broadcast to (R, C)) times.
 
-    A non-finite positive is beaten by every valid entry; a non-finite entry beats no finite
-    positive (module docstring).
+    ``pessimistic`` (a bool, or a traced bool scalar so that one compiled retrieval serves both
+    tie rules) counts equal entries as beating. A non-finite positive is beaten by every valid
+    entry; a non-finite entry beats no finite positive (module docstring).
     """
     p = positive[:, None]
-    if lower_is_better:
-        beats = block <= p if ties == "pessimistic" else block < p
-    else:
-        beats = block >= p if ties == "pessimistic" else block > p
+    better = block < p if lower_is_better else block > p
+    beats = better | (pessimistic & (block == p))
     beats = jnp.where(jnp.isfinite(p), beats & jnp.isfinite(block), True)
     return jnp.sum(jnp.where(beats & valid, weight, 0), axis=1)
 
@@ -131,7 +130,7 @@ def positive_ranks(
     q, c = scores.shape
     pos = scores[jnp.arange(q), jnp.arange(q)]
     others = jnp.arange(c)[None, :] != jnp.arange(q)[:, None]
-    return _count_beating(scores, pos, lower_is_better, ties, others) + 1
+    return _count_beating(scores, pos, lower_is_better, ties == "pessimistic", others) + 1
 
 
 def metrics_from_ranks(ranks) -> dict[str, float]:
@@ -288,11 +287,11 @@ def chunked_retrieval(
             ident,
             ident,
             jnp.ones(n, jnp.int32),
+            jnp.asarray(ties == "pessimistic"),
             score=score,
             direction=direction,
             chunk=int(min(chunk_size, n)),
             top_k=top_k,
-            ties=ties,
         )
     fa, ia = _distinct_rows(anchor)
     fc, ic = _distinct_rows(np.concatenate([np.asarray(x) for x in others], axis=1))
@@ -305,11 +304,11 @@ def chunked_retrieval(
         jnp.asarray(ia[fp]),
         jnp.asarray(ic[fp]),
         jnp.asarray(weights, jnp.int32),
+        jnp.asarray(ties == "pessimistic"),
         score=score,
         direction=direction,
         chunk=int(min(chunk_size, len(weights), len(fp))),
         top_k=int(min(top_k, len(weights))),
-        ties=ties,
     )
     # Expand the distinct competitors of each list into their items, ascending per copy set.
     order = np.argsort(comp, kind="stable")
@@ -324,13 +323,16 @@ def chunked_retrieval(
     return jnp.asarray(np.asarray(ranks)[ip]), jnp.asarray(items[ip].astype(np.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("score", "direction", "chunk", "top_k", "ties"))
-def _ranks_of_distinct(anchor, others, q_a, q_c, weights, *, score, direction, chunk, top_k, ties):
+@functools.partial(jax.jit, static_argnames=("score", "direction", "chunk", "top_k"))
+def _ranks_of_distinct(
+    anchor, others, q_a, q_c, weights, pessimistic, *, score, direction, chunk, top_k
+):
     """Ranks and top-k over distinct rows: queries are (anchor id, candidate id) pairs
     ``(q_a, q_c)``; competitors the distinct candidates (``anchor_to_rest``) or anchors
     (``rest_to_anchor``), each standing for ``weights`` items. The competitor that is the
     query's own id ties exactly with the positive: it is left out of the comparisons and its
-    ``weight - 1`` copies counted by the tie rule."""
+    ``weight - 1`` copies counted by the tie rule. ``pessimistic`` is that rule as a traced
+    bool, so one compilation serves both rules."""
     lower = _lower_is_better(score)
     worst = jnp.inf if lower else -jnp.inf
     terms = _candidate_terms(score, others)
@@ -347,7 +349,7 @@ def _ranks_of_distinct(anchor, others, q_a, q_c, weights, *, score, direction, c
         (q_anchor, q_terms), own_id = qb
         positive = jnp.diagonal(_block_scores(score, q_anchor, q_terms))
         # The positive's other copies tie with it exactly (same distinct row): counted by rule.
-        same = jnp.where(jnp.isfinite(positive), ties == "pessimistic", True)
+        same = jnp.where(jnp.isfinite(positive), pessimistic, True)
         copies = jnp.take(weights, own_id, mode="clip") - 1
 
         def step(carry, ki):
@@ -360,7 +362,7 @@ def _ranks_of_distinct(anchor, others, q_a, q_c, weights, *, score, direction, c
             idx = ki * chunk + jnp.arange(chunk)
             w = w_blocks[ki][None, :]
             valid = (w > 0) & (idx[None, :] != own_id[:, None])
-            count = count + _count_beating(s, positive, lower, ties, valid, w)
+            count = count + _count_beating(s, positive, lower, pessimistic, valid, w)
             s = jnp.where((w > 0) & jnp.isfinite(s), s, worst)
             all_s = jnp.concatenate([best_s, s], axis=1)
             all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
