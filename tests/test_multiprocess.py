@@ -104,7 +104,7 @@ def data_dir(tmp_path_factory):
 
 _CHILD = (
     "import os, sys, time; i = int(os.environ['GRAM_JAX_PROCESS_ID']);"
-    "print('hello', i, os.environ['GRAM_JAX_NUM_PROCESSES'], os.environ['XLA_FLAGS'],"
+    "print('hello', i, os.environ['GRAM_JAX_NUM_PROCESSES'], os.environ.get('XLA_FLAGS'),"
     " os.environ['JAX_COORDINATOR_ADDRESS'], flush=True);"
     "code = int(sys.argv[1]) if i == 1 else 0; time.sleep(float(sys.argv[2]) if i != 1 else 0.5);"
     "sys.exit(code)"
