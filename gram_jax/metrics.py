@@ -93,7 +93,12 @@ def check_finite_rows(name: str, x) -> None:
 
 
 def _count_beating(
-    block: Array, positive: Array, lower_is_better: bool, pessimistic, valid: Array, weight=1
+    block: Array,
+    positive: Array,
+    lower_is_better: bool,
+    pessimistic: bool | Array,
+    valid: Array,
+    weight=1,
 ) -> Array:
     """Per row: how many entries of ``block`` (R, C) where ``valid`` beat ``positive`` (R,),
     each counted ``weight`` (broadcast to (R, C)) times.
