@@ -412,7 +412,7 @@ def test_comm_masked_pass_equals_dropped_token_passes(comm_model):
             kept = [i for i in range(3) if keep[i]]
             x = jnp.concatenate([toks[i] for i in kept], axis=1)
             km = jnp.concatenate([masks[i] for i in kept], axis=1)
-            refs.append(model.fusion(x, km))
+            refs.append(model.fuse_sequence(x, km))
         return fused, refs, model.features(view)
 
     fused, refs, feats = run(comm_model, COMM_VIEW)

@@ -17,7 +17,7 @@ Public API:
 """
 
 from gram_jax.models.cnn import CNNEncoder
-from gram_jax.models.comm import CoMMModel, CoMMProjector, FusionTransformer, InputAdapter
+from gram_jax.models.comm import CoMMModel, CoMMProjector, InputAdapter
 from gram_jax.models.config import (
     PRESETS,
     AudioConfig,
@@ -62,7 +62,6 @@ __all__ = [
     "EncoderOutput",
     "FeatureConfig",
     "FeatureEncoder",
-    "FusionTransformer",
     "GramModel",
     "ImageConfig",
     "ImageEncoder",

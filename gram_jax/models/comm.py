@@ -60,7 +60,6 @@ from gram_jax.models.layers import (
 
 __all__ = [
     "InputAdapter",
-    "FusionTransformer",
     "CoMMProjector",
     "CoMMModel",
     "default_mask_patterns",
@@ -115,42 +114,6 @@ class InputAdapter(nnx.Module):
         t = self.proj(out.tokens)
         pos = positions_for(out.grid, t.shape[1], self.dim)
         return t + jnp.asarray(pos, t.dtype)[None]
-
-
-class FusionTransformer(nnx.Module):
-    """CLS token (N(0, 1)) + pre-LN transformer (QuickGELU, CLIP init) + final LN -> CLS."""
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        num_heads: int = 8,
-        num_layers: int = 1,
-        mlp_ratio: float = 4.0,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim), param_dtype))
-        self.transformer = Transformer(
-            dim,
-            num_layers,
-            num_heads,
-            int(round(mlp_ratio * dim)),
-            activation="quick_gelu",
-            init="clip",
-            eps=1e-5,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(
-        self, tokens: Float[Array, "n l d"], key_mask: Bool[Array, "n l"] | None = None
-    ) -> Float[Array, "n d"]:
-        """Fuse a token sequence (N, L, D) (``key_mask`` True = valid) into its CLS (N, D)."""
-        x, key_mask = prepend_cls(self.cls_token[...], tokens, key_mask)
-        return self.transformer(x, key_mask=key_mask)[:, 0]
 
 
 class CoMMProjector(nnx.Module):
@@ -230,9 +193,16 @@ class CoMMModel(nnx.Module):
         self.adapters = nnx.Dict(
             {m: InputAdapter(enc.width, fusion_width, **kw) for m, enc in encoders.items()}
         )
-        self.fusion = FusionTransformer(
-            fusion_width, num_heads=num_heads, num_layers=num_layers, mlp_ratio=mlp_ratio, **kw
+        # The fusion transformer: CLS c ~ N(0, 1), pre-LN blocks with QuickGELU, CLIP init and
+        # LayerNorm eps 1e-5 (the authors' values), final LayerNorm.
+        self.cls_token = nnx.Param(
+            jax.random.normal(rngs.params(), (1, 1, fusion_width), param_dtype)
         )
+        mlp_dim = int(round(mlp_ratio * fusion_width))
+        self.fusion = Transformer(
+            fusion_width, num_layers, num_heads, mlp_dim,
+            activation="quick_gelu", init="clip", eps=1e-5, **kw,
+        )  # fmt: skip
         self.projector = CoMMProjector(
             fusion_width,
             projector_hidden,
@@ -290,8 +260,18 @@ class CoMMModel(nnx.Module):
         key_mask = keep[:, None, :] & valid[None]  # (P, B, L)
         b, length, d = x.shape
         xs = jnp.broadcast_to(x[None], (p, b, length, d)).reshape(p * b, length, d)
-        fused = self.fusion(xs, key_mask.reshape(p * b, length))
+        fused = self.fuse_sequence(xs, key_mask.reshape(p * b, length))
         return fused.reshape(p, b, d)
+
+    def fuse_sequence(
+        self, tokens: Float[Array, "n l d"], key_mask: Bool[Array, "n l"] | None = None
+    ) -> Float[Array, "n d"]:
+        """The fusion transformer's CLS output (N, D) for a token sequence (N, L, D)
+        (``key_mask`` True = valid): ``Transformer([c ; tokens])[:, 0]``. :meth:`fuse` calls it
+        once on the patterns folded into the batch; called on a sequence with the dropped
+        modalities' tokens removed, it is the authors' per-mask pass."""
+        x, key_mask = prepend_cls(self.cls_token[...], tokens, key_mask)
+        return self.fusion(x, key_mask=key_mask)[:, 0]
 
     def __call__(
         self,
