@@ -852,10 +852,7 @@ def gram_infonce_loss(
     infonce_weight_end: float = 0.0,
     handover_steps: int = 0,
     label_smoothing: float = 0.1,
-    gradient: Literal["exact", "faithful"] = "exact",
-    axis_name: str | None = None,
-    impl: Impl = "all_gather",
-    chunk_size: int | None = None,
+    **gram_kwargs: Any,
 ) -> tuple[Float[Array, ""], Metrics]:
     """GRAM with an anchored-InfoNCE term that hands over to it (issue 14, remedy (a)).
 
@@ -864,14 +861,16 @@ def gram_infonce_loss(
     InfoNCE gives a gradient at random initialisation (where the volume is flat) and fixes the
     embeddings' signs (the volume is sign-free); GRAM takes over. Both terms use the same
     temperature and the same label smoothing (as ``configs/synthetic.py:method=infonce``, so
-    the two terms differ only in the score). Metrics: the total, ``weight``,
-    ``loss/infonce``, ``loss/gram`` and GRAM's own metrics.
+    the two terms differ only in the score). ``gram_kwargs``: the other keywords of
+    :func:`gram_contrastive_loss` (``gradient``, ``volume_gradient``, ``score``, the driver);
+    the InfoNCE term takes the driver's. Metrics: the total, ``weight``, ``loss/infonce``,
+    ``loss/gram`` and GRAM's own metrics.
     """
     w = handover_weight(step, infonce_weight, infonce_weight_end, handover_steps)
-    kw = {"axis_name": axis_name, "impl": impl, "chunk_size": chunk_size}
-    l_nce, _ = infonce_loss(anchor, others, temperature, label_smoothing, **kw)
+    driver = {k: v for k, v in gram_kwargs.items() if k in ("axis_name", "impl", "chunk_size")}
+    l_nce, _ = infonce_loss(anchor, others, temperature, label_smoothing, **driver)
     l_gram, m_gram = gram_contrastive_loss(
-        anchor, others, temperature, label_smoothing, gradient, **kw
+        anchor, others, temperature, label_smoothing, **gram_kwargs
     )
     loss = w * l_nce + (1.0 - w) * l_gram
     metrics = m_gram | {"loss": loss, "weight": w, "loss/infonce": l_nce, "loss/gram": l_gram}
@@ -957,15 +956,12 @@ def _builtin(name: str, fn: Callable, **spec: Any) -> None:
 
 
 _NTX_TAU = {"temperature": "nt_xent_temperature"}
-_builtin(
-    "gram", gram_contrastive_loss,
-    args={"label_smoothing": "label_smoothing", "gradient": "gradient"}, score="volume",
-)  # fmt: skip
+_GRAM_ARGS = {"label_smoothing": "label_smoothing", "gradient": "gradient"}
+_builtin("gram", gram_contrastive_loss, args=_GRAM_ARGS, score="volume")
 _builtin("infonce", infonce_loss, args={"label_smoothing": "label_smoothing", "pairs": "pairs"})
 _builtin("siglip", siglip_loss, params="scale_bias")
 _builtin("comm", comm_loss, args=_NTX_TAU, params=None, model="comm", two_views=True)
 _builtin("cross_self", cross_self_loss, args=_NTX_TAU, params=None, two_views=True)
-_GRAM_ARGS = {"label_smoothing": "label_smoothing", "gradient": "gradient"}
 _builtin("simplex", simplex_contrastive_loss, args=_GRAM_ARGS, score="simplex")
 _builtin("triangle", triangle_loss, args=_GRAM_ARGS, score="simplex")
 _builtin(

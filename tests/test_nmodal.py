@@ -322,6 +322,11 @@ def test_gram_infonce_handover():
         np.testing.assert_allclose(float(loss), w * nce + (1 - w) * gram, rtol=1e-6)
     const, _ = losses.gram_infonce_loss(a, o, 0.1, infonce_weight=0.3)
     np.testing.assert_allclose(float(const), 0.3 * nce + 0.7 * gram, rtol=1e-6)
+    # GRAM's other keywords reach its term: here its score
+    simplex = losses.gram_contrastive_loss(a, o, 0.1, score="simplex")[0]
+    only_gram, _ = losses.gram_infonce_loss(a, o, 0.1, infonce_weight=0.0, score="simplex")
+    np.testing.assert_allclose(float(only_gram), float(simplex), rtol=1e-6)
+    assert abs(float(simplex) - float(gram)) > 1e-3
     with pytest.raises(ValueError, match="needs the training step"):
         losses.gram_infonce_loss(a, o, 0.1, handover_steps=10)
     with pytest.raises(ValueError, match="infonce_weight must be in"):
