@@ -382,6 +382,35 @@ def test_order_independent_of_worker_count(syn_test):
     _assert_batches_equal(a, b)
 
 
+def test_colour_jitter_and_spec_masks_do_what_they_say():
+    img = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    off = augment.ColourJitter(p=0.0)
+    assert off(img, np.random.default_rng(0)) is img
+    still = augment.ColourJitter(p=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    np.testing.assert_allclose(still(img, np.random.default_rng(0)), img, atol=1e-6)
+    grey = np.repeat(img[..., :1], 3, axis=-1)  # no chroma: saturation and hue leave it grey
+    out = augment.ColourJitter(p=1.0, brightness=0.0, contrast=0.0, hue=0.5)(
+        grey, np.random.default_rng(1)
+    )
+    np.testing.assert_allclose(out, grey, atol=1e-5)
+    # SpecAugment: every zero is a whole masked frame (row) or mel bin (column), at most
+    # count stripes of at most max_width each; everything else is untouched.
+    spec = 1.0 + np.random.default_rng(1).random((32, 24)).astype(np.float32)
+    aug = augment.AudioAug(
+        max_shift=0, time_masks=(2, 5), freq_masks=(3, 4), mask_p=1.0, noise_std=0.0
+    )
+    masked_rows = masked_cols = 0
+    for seed in range(20):
+        out = aug(spec, np.random.default_rng(seed))
+        zero = out == 0.0
+        rows, cols = zero.all(axis=1), zero.all(axis=0)
+        np.testing.assert_array_equal(zero, rows[:, None] | cols[None, :])
+        np.testing.assert_array_equal(out[~zero], spec[~zero])
+        assert rows.sum() <= 2 * 5 and cols.sum() <= 3 * 4
+        masked_rows, masked_cols = masked_rows + rows.sum(), masked_cols + cols.sum()
+    assert masked_rows > 0 and masked_cols > 0
+
+
 def test_augmentations_are_deterministic_and_label_safe():
     rng = lambda: np.random.default_rng([1, 2, 3])  # noqa: E731
     img = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
@@ -451,6 +480,10 @@ def test_bad_inputs_raise_clear_errors(data_dir, syn_test, syn_dir):
         data.prepare("synthetic_trimodal", data_dir, text_length=8)
     with pytest.raises(ValueError, match="does not fit"):
         data.prepare("trifeature", data_dir, render_size=32, base_size=36)
+    with pytest.raises(ValueError, match=r"num_test_combinations must be in \[1, 999\], got 0"):
+        data.prepare("trifeature", data_dir, num_test_combinations=0)
+    with pytest.raises(ValueError, match="n_mels must be an int, got 2.5"):
+        data.prepare("synthetic_trimodal", data_dir, n_mels=2.5)
 
 
 def test_show_writes_a_png(tmp_path, data_dir, syn_dir, tri_dir):

@@ -3,7 +3,8 @@
 * ``prepare(name, data_dir, **config)`` / ``load_source(name, split, data_dir, **config)``
   for ``synthetic_trimodal`` (default), ``trifeature`` and ``embeddings`` (see
   ``gram_jax.data.registry`` and each dataset's module); ``register_dataset`` adds your own
-  builder (a ``LocalBuilder`` subclass) under a name the trainer's ``data.name`` accepts.
+  builder (a ``LocalBuilder`` subclass) under a name the trainer's ``data.name`` accepts;
+  its config's int fields declared with ``bounded(default, low, high)`` are range-checked.
 * ``register_modality(name, ...)`` (from ``gram_jax.modalities``) adds a modality kind (how
   records convert and augment, its encoder and config) under a name ``config.model.modalities.
   <m>.kind`` accepts.
@@ -14,10 +15,11 @@
 """
 
 from gram_jax._lazy import lazy_exports as _lazy_exports
-from gram_jax.data._tfds import LocalBuilder
+from gram_jax.data._tfds import LocalBuilder, bounded
 from gram_jax.data.augment import (
     AudioAug,
     Augment,
+    ColourJitter,
     FeatureAug,
     ImageAug,
     TextAug,
@@ -41,6 +43,7 @@ __all__ = [
     "DATASETS",
     "AudioAug",
     "Augment",
+    "ColourJitter",
     "FeatureAug",
     "ImageAug",
     "LocalBuilder",
@@ -48,6 +51,7 @@ __all__ = [
     "TextAug",
     "TrifeaturePairSource",
     "WaveformAug",
+    "bounded",
     "dataset_dir",
     "decode_caption",
     "default_data_dir",

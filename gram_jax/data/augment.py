@@ -21,17 +21,42 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class ColourJitter:
+    """With probability ``p``: brightness, contrast and saturation scaled by factors drawn from
+    ``U(1 - s, 1 + s)`` for ``s`` = ``brightness``, ``contrast``, ``saturation``, then (if
+    ``hue``) the hue turned by ``U(-hue, hue)`` of a full turn (a rotation of the YIQ chroma
+    plane), as torchvision's ``RandomApply([ColorJitter(...)], p)``."""
+
+    p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.0
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.random() >= self.p:
+            return x
+        x = x * rng.uniform(1 - self.brightness, 1 + self.brightness)
+        g = _gray(x)
+        x = (x - g.mean()) * rng.uniform(1 - self.contrast, 1 + self.contrast) + g.mean()
+        g = _gray(x)[..., None]
+        x = (x - g) * rng.uniform(1 - self.saturation, 1 + self.saturation) + g
+        if self.hue:
+            theta = rng.uniform(-self.hue, self.hue) * 2 * np.pi
+            c, s = np.cos(theta), np.sin(theta)
+            rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+            x = x @ (np.linalg.inv(_TO_YIQ) @ rot @ _TO_YIQ).T.astype(np.float32)
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageAug:
     """Random resized crop (bilinear) + horizontal flip + colour jitter (+ optional grayscale)."""
 
     crop_scale: tuple[float, float] = (0.3, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.0
+    jitter: ColourJitter = ColourJitter()
     grayscale_p: float = 0.0
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -40,8 +65,7 @@ class ImageAug:
             x = _random_resized_crop(x, rng, self.crop_scale, self.crop_ratio, h, w)
         if rng.random() < self.flip_p:
             x = x[:, ::-1]
-        if rng.random() < self.jitter_p:
-            x = _colour_jitter(x, rng, self.brightness, self.contrast, self.saturation, self.hue)
+        x = self.jitter(x, rng)
         if rng.random() < self.grayscale_p:
             x = np.repeat(_gray(x)[..., None], 3, axis=-1)
         return np.clip(x, 0.0, 1.0).astype(np.float32)
@@ -49,30 +73,24 @@ class ImageAug:
 
 @dataclasses.dataclass(frozen=True)
 class AudioAug:
-    """Circular time shift, SpecAugment-style time/frequency masks (to 0), Gaussian noise."""
+    """Circular time shift, SpecAugment-style time/frequency masks (to 0), Gaussian noise.
+
+    ``time_masks`` / ``freq_masks``: ``(count, max_width)``; each of the ``count`` masks is
+    applied with probability ``mask_p`` and zeroes ``U{0, ..., max_width}`` consecutive frames
+    (mel bins) at a uniform position.
+    """
 
     max_shift: int = 4
-    time_masks: int = 1
-    time_mask_width: int = 4
-    freq_masks: int = 1
-    freq_mask_width: int = 4
+    time_masks: tuple[int, int] = (1, 4)
+    freq_masks: tuple[int, int] = (1, 4)
     mask_p: float = 0.5
     noise_std: float = 0.1
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        t, m = x.shape
         x = np.roll(x, rng.integers(-self.max_shift, self.max_shift + 1), axis=0)
         x = x.copy()
-        for _ in range(self.time_masks):
-            if rng.random() < self.mask_p:
-                wdt = rng.integers(0, self.time_mask_width + 1)
-                lo = rng.integers(0, max(1, t - wdt + 1))
-                x[lo : lo + wdt] = 0.0
-        for _ in range(self.freq_masks):
-            if rng.random() < self.mask_p:
-                wdt = rng.integers(0, self.freq_mask_width + 1)
-                lo = rng.integers(0, max(1, m - wdt + 1))
-                x[:, lo : lo + wdt] = 0.0
+        for axis, (count, width) in enumerate((self.time_masks, self.freq_masks)):
+            _zero_stripes(np.moveaxis(x, axis, 0), rng, count, width, self.mask_p)
         if self.noise_std:
             x = x + rng.normal(0.0, self.noise_std, x.shape)
         return x.astype(np.float32)
@@ -174,13 +192,15 @@ PRESETS = {
     "default": Augment(),
     # CoMM section-9 "light": crop 0.3-1 + flip only for images; mild everything else.
     "light": per_kind(
-        image=ImageAug(jitter_p=0.0),
+        image=ImageAug(jitter=ColourJitter(p=0.0)),
         audio=AudioAug(max_shift=2, mask_p=0.0, noise_std=0.05),
         text=TextAug(dropout=0.05),
         features=FeatureAug(drop_p=0.0),
     ),
     # SimCLR as in the CoMM repository (includes hue jitter and grayscale).
-    "simclr": per_kind(image=ImageAug(crop_scale=(0.08, 1.0), hue=0.1, grayscale_p=0.2)),
+    "simclr": per_kind(
+        image=ImageAug(crop_scale=(0.08, 1.0), jitter=ColourJitter(hue=0.1), grayscale_p=0.2)
+    ),
 }
 
 
@@ -238,23 +258,27 @@ def _random_resized_crop(x, rng, scale, ratio, out_h, out_w):
     return _bilinear(x, ys, xs)
 
 
+# RGB -> YIQ; its first row is the luma _gray uses.
+_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
+
+
 def _gray(x):
-    return x @ np.array([0.299, 0.587, 0.114], np.float32)
+    return x @ _TO_YIQ[0]
 
 
-def _colour_jitter(x, rng, brightness, contrast, saturation, hue):
-    x = x * rng.uniform(1 - brightness, 1 + brightness)
-    g = _gray(x)
-    x = (x - g.mean()) * rng.uniform(1 - contrast, 1 + contrast) + g.mean()
-    g = _gray(x)[..., None]
-    x = (x - g) * rng.uniform(1 - saturation, 1 + saturation) + g
-    if hue:
-        # Hue shift as a rotation of the chroma plane in YIQ space.
-        theta = rng.uniform(-hue, hue) * 2 * np.pi
-        to_yiq = np.array(
-            [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
-        )
-        c, s = np.cos(theta), np.sin(theta)
-        rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
-        x = x @ (np.linalg.inv(to_yiq) @ rot @ to_yiq).T.astype(np.float32)
-    return x
+# ---------------------------------------------------------------------------------------
+# Audio helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _zero_stripes(x: np.ndarray, rng, count: int, width: int, p: float) -> None:
+    """In place, ``count`` times with probability p: zero ``U{0..width}`` consecutive rows of
+    ``x`` (a view: the axis masked first) at a uniform position."""
+    n = x.shape[0]
+    for _ in range(count):
+        if rng.random() < p:
+            wdt = rng.integers(0, width + 1)
+            lo = rng.integers(0, max(1, n - wdt + 1))
+            x[lo : lo + wdt] = 0.0

@@ -149,8 +149,6 @@ class EmbeddingsConfig(tfds.core.BuilderConfig):
 class Embeddings(LocalBuilder):
     """TFDS builder of ``embeddings`` (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [EmbeddingsConfig(name="default")]
 
     def _arrays(self) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ import uuid
 import tensorflow_datasets as tfds
 
 from gram_jax.data import embeddings, synthetic, trifeature
+from gram_jax.data._tfds import check_bounds
 from gram_jax.registry import Registry
 
 DATASETS: Registry[tuple[type, type]] = Registry("dataset")
@@ -48,9 +49,11 @@ def register_dataset(name: str, builder_cls: type, config_cls: type) -> None:
     "index": int}`` in the formats of ``gram_jax.data.pipeline`` (image ``(H, W, 3) uint8``,
     audio ``(T, n_mels) float32``, text ``(L,) int32`` ids with 0 as padding, features
     ``(D,) float32``); ``config_cls`` is its ``tfds.core.BuilderConfig`` dataclass, whose
-    fields are what ``config.data.builder`` may set. Call it at the top of your config file
-    so ``train.py --config my_config.py`` knows the dataset. Re-registering a name replaces
-    it; the built-in names cannot be replaced.
+    fields are what ``config.data.builder`` may set (those declared with
+    :func:`gram_jax.data.bounded` are range-checked, the rest by its ``validate()`` if it
+    has one). Call it at the top of your config file so ``train.py --config my_config.py``
+    knows the dataset. Re-registering a name replaces it; the built-in names cannot be
+    replaced.
     """
     DATASETS.check_free(name, (builder_cls, config_cls))  # a built-in name is the first error
     if not (isinstance(builder_cls, type) and issubclass(builder_cls, tfds.core.DatasetBuilder)):
@@ -79,6 +82,7 @@ def make_config(name: str, **config) -> tfds.core.BuilderConfig:
     if "npz_path" in config:
         config["npz_path"] = os.fspath(config["npz_path"])
     cfg = config_cls(name="default", **config)
+    check_bounds(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     if hasattr(cfg, "identity"):

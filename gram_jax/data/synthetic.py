@@ -65,7 +65,7 @@ import math
 import numpy as np
 import tensorflow_datasets as tfds
 
-from gram_jax.data._tfds import LocalBuilder
+from gram_jax.data._tfds import LocalBuilder, bounded
 
 # ---------------------------------------------------------------------------------------
 # Factor space
@@ -406,33 +406,20 @@ def generate_split(
 class SyntheticTrimodalConfig(tfds.core.BuilderConfig):
     """Builder configuration; ``prepare(..., **fields)`` derives the config name."""
 
-    train_size: int = 8192
-    validation_size: int = 1024
-    test_size: int = 1024
-    image_size: int = 32
-    n_frames: int = 32
-    n_mels: int = 32
-    text_length: int = 16
+    train_size: int = bounded(8192, low=2)
+    validation_size: int = bounded(1024, low=2)
+    test_size: int = bounded(1024, low=2)
+    image_size: int = bounded(32, low=16)
+    n_frames: int = bounded(32, low=8)
+    n_mels: int = bounded(32, low=8)
+    text_length: int = bounded(16, low=MIN_TEXT_LENGTH)
     with_waveform: bool = False
     seed: int = 0
-
-    def validate(self) -> None:
-        for split in SPLITS:
-            if getattr(self, f"{split}_size") < 2:
-                raise ValueError(f"{split}_size must be >= 2, got {getattr(self, f'{split}_size')}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if self.n_frames < 8 or self.n_mels < 8:
-            raise ValueError("n_frames and n_mels must be >= 8")
-        if self.text_length < MIN_TEXT_LENGTH:
-            raise ValueError(f"text_length must be >= {MIN_TEXT_LENGTH}, got {self.text_length}")
 
 
 class SyntheticTrimodal(LocalBuilder):
     """TFDS builder of ``synthetic_trimodal`` (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [SyntheticTrimodalConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -57,7 +57,7 @@ import numpy as np
 import scipy.ndimage
 import tensorflow_datasets as tfds
 
-from gram_jax.data._tfds import LocalBuilder
+from gram_jax.data._tfds import LocalBuilder, bounded
 
 SHAPES = (
     "triangle",
@@ -331,10 +331,10 @@ class TrifeatureConfig(tfds.core.BuilderConfig):
 
     render_size: int = 64
     base_size: int = 36
-    texture_scale: int = 6
-    num_per_combination: int = 3
-    num_test_combinations: int = 200
-    max_pairs: int = 10_000
+    texture_scale: int = bounded(6, low=3)
+    num_per_combination: int = bounded(3, low=1)
+    num_test_combinations: int = bounded(200, low=1, high=999)
+    max_pairs: int = bounded(10_000, low=1)
     seed: int = 42
 
     def validate(self) -> None:
@@ -343,19 +343,11 @@ class TrifeatureConfig(tfds.core.BuilderConfig):
                 f"base_size {self.base_size} rotated by 45 degrees does not fit "
                 f"render_size {self.render_size}"
             )
-        if self.texture_scale < 3:
-            raise ValueError(f"texture_scale must be >= 3, got {self.texture_scale}")
-        if not 1 <= self.num_test_combinations <= 999:
-            raise ValueError("num_test_combinations must be in [1, 999]")
-        if self.num_per_combination < 1 or self.max_pairs < 1:
-            raise ValueError("num_per_combination and max_pairs must be >= 1")
 
 
 class Trifeature(LocalBuilder):
     """TFDS builder of ``trifeature`` (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [TrifeatureConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
