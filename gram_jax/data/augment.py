@@ -45,7 +45,7 @@ class ColourJitter:
             theta = rng.uniform(-self.hue, self.hue) * 2 * np.pi
             c, s = np.cos(theta), np.sin(theta)
             rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
-            x = x @ (np.linalg.inv(_TO_YIQ) @ rot @ _TO_YIQ).T.astype(np.float32)
+            x = x @ (_FROM_YIQ @ rot @ _TO_YIQ).T.astype(np.float32)
         return x
 
 
@@ -262,6 +262,7 @@ def _random_resized_crop(x, rng, scale, ratio, out_h, out_w):
 _TO_YIQ = np.array(
     [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
 )
+_FROM_YIQ = np.linalg.inv(_TO_YIQ)
 
 
 def _gray(x):
@@ -274,8 +275,9 @@ def _gray(x):
 
 
 def _zero_stripes(x: np.ndarray, rng, count: int, width: int, p: float) -> None:
-    """In place, ``count`` times with probability p: zero ``U{0..width}`` consecutive rows of
-    ``x`` (a view: the axis masked first) at a uniform position."""
+    """In place, ``count`` times with probability p: zero ``U{0..width}`` consecutive entries
+    along axis 0 of ``x`` at a uniform position (``x`` is a view with the masked axis moved
+    first, so the caller's array is written)."""
     n = x.shape[0]
     for _ in range(count):
         if rng.random() < p:
